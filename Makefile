@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(CURDIR)/$(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export CONTAINERS_CONF := $(CURDIR)/etc/containers.conf
 PYTEST_ARGS ?=
 
 TEST_TARGETS := test-python

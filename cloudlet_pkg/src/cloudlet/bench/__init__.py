@@ -1,0 +1,35 @@
+"""`cloudlet bench ...`: benchmarks measured side by side against a baseline in one run.
+
+Each benchmark module exposes ``register(subparsers)`` adding one ``bench`` subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+BENCHMARKS: tuple[str, ...] = (
+    "cloudlet.bench.proxy",
+    "cloudlet.bench.handover",
+    "cloudlet.bench.launch",
+    "cloudlet.bench.tunnel",
+)
+
+
+def register(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "bench",
+        help="run a benchmark against its baseline and print the figures",
+        description="Benchmarks, each measured side by side with a baseline in the same run.",
+    )
+    sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK")
+    for module_name in BENCHMARKS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        module.register(sub)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])

@@ -1,0 +1,112 @@
+"""Session credentials: unguessable, bound to one service, checked without shared state.
+
+Format (docs/architecture.md): ``v1.<service>.<issued>.<nonce>.<mac>`` where ``mac`` is the first
+16 bytes of HMAC-SHA256(fleet secret, ``v1.<service>.<issued>.<nonce>``), base64url without padding.
+The controller issues credentials; every sessiond of the fleet verifies them with the same secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+VERSION = "v1"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+MAX_CREDENTIAL_LEN = 160
+_B64 = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class CredentialError(Exception):
+    """A credential was refused; ``reason`` says why (maps to a wire status code)."""
+
+    def __init__(self, reason: "Refusal", message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Refusal(Enum):
+    BAD_CREDENTIAL = "bad_credential"
+    WRONG_SERVICE = "wrong_service"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    service: str
+    issued: int
+    nonce: str
+    token: str
+
+    @property
+    def session_id(self) -> str:
+        """The public identifier used in logs, metrics and the control API (never the token)."""
+        return self.nonce
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _mac(secret: bytes, body: str) -> str:
+    return _b64(hmac.new(secret, body.encode("ascii"), hashlib.sha256).digest()[:16])
+
+
+def load_secret(path: str | Path) -> bytes:
+    """Read the fleet secret; refuse one that is too short to be a secret."""
+    data = Path(path).read_bytes().strip()
+    if len(data) < 16:
+        raise ValueError(f"fleet secret {path} is too short ({len(data)} bytes, need at least 16)")
+    return data
+
+
+def issue(secret: bytes, service: str, now: float | None = None) -> Credential:
+    """Make a new credential for ``service`` (called by the controller)."""
+    if not NAME_RE.match(service):
+        raise ValueError(f"invalid service name {service!r}")
+    issued = int(time.time() if now is None else now)
+    nonce = _b64(secrets.token_bytes(16))
+    body = f"{VERSION}.{service}.{issued}.{nonce}"
+    return Credential(service, issued, nonce, f"{body}.{_mac(secret, body)}")
+
+
+def parse(secret: bytes, token: str) -> Credential:
+    """Check the MAC and syntax of ``token``; no service or lifetime check."""
+    if len(token) > MAX_CREDENTIAL_LEN:
+        raise CredentialError(Refusal.BAD_CREDENTIAL, "credential too long")
+    parts = token.split(".")
+    if len(parts) != 5 or parts[0] != VERSION:
+        raise CredentialError(Refusal.BAD_CREDENTIAL, "not a v1 session credential")
+    _, service, issued_s, nonce, mac = parts
+    if not NAME_RE.match(service) or not issued_s.isdigit() or not _B64.match(nonce) or not _B64.match(mac):
+        raise CredentialError(Refusal.BAD_CREDENTIAL, "malformed session credential")
+    body = f"{VERSION}.{service}.{issued_s}.{nonce}"
+    if not hmac.compare_digest(_mac(secret, body), mac):
+        raise CredentialError(Refusal.BAD_CREDENTIAL, "session credential not issued by this fleet")
+    return Credential(service, int(issued_s), nonce, token)
+
+
+def verify(
+    secret: bytes,
+    token: str,
+    service: str | None,
+    lifetime_seconds: float,
+    now: float | None = None,
+) -> Credential:
+    """Parse ``token`` and check that it belongs to ``service`` (if given) and is not expired."""
+    cred = parse(secret, token)
+    if service is not None and cred.service != service:
+        raise CredentialError(
+            Refusal.WRONG_SERVICE,
+            f"credential belongs to service {cred.service!r}, not {service!r}",
+        )
+    current = time.time() if now is None else now
+    if current - cred.issued > lifetime_seconds:
+        raise CredentialError(Refusal.EXPIRED, "session credential expired")
+    return cred
