@@ -1,0 +1,169 @@
+"""`cloudlet.client`: open a session, send and receive, hand over, resume, end.
+
+Example::
+
+    c = SessionClient("10.0.0.1", 31001, credential)        # cloudlet A, the anchor
+    await c.open()
+    await c.send(b"hello"); data = await c.recv()
+    await c.handover("10.0.0.2", 31001, target="a")         # to cloudlet B, naming the anchor
+    await c.end()
+
+A clean move (``detach``/``handover``) half-closes the old connection and reads it to EOF, so every
+byte the backend sent arrives exactly once and in order: what came on the old connection first
+(kept in the client and returned by ``recv`` before anything else), then the held bytes on the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+
+from cloudlet.protocol import Op, ProtocolError, Reply, Status, encode_header, read_reply
+
+READ_SIZE = 256 * 1024
+
+
+class SessionRefused(Exception):
+    """The sessiond answered with a non-OK status."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(f"{reply.status.name}: {reply.message}")
+        self.reply = reply
+        self.status = reply.status
+
+
+async def attach(host: str, port: int, credential: str, target: str = "", *, op: Op = Op.ATTACH,
+                 timeout: float = 10.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Reply]:
+    """Connect and send a header; returns the streams and the OK reply or raises ``SessionRefused``."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=READ_SIZE), timeout)
+    try:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(encode_header(credential, target, op))
+        reply = await asyncio.wait_for(read_reply(reader), timeout)
+    except BaseException:
+        writer.close()
+        raise
+    if not reply.ok:
+        writer.close()
+        raise SessionRefused(reply)
+    return reader, writer, reply
+
+
+async def end_session(host: str, port: int, credential: str, target: str = "", timeout: float = 10.0) -> Reply:
+    """Send END for ``credential`` on a fresh connection (through ``target`` if it is forwarded)."""
+    reader, writer, reply = await attach(host, port, credential, target, op=Op.END, timeout=timeout)
+    writer.close()
+    return reply
+
+
+@dataclass
+class SessionClient:
+    host: str
+    port: int
+    credential: str
+    target: str = ""
+    timeout: float = 10.0
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+    last_reply: Reply | None = None
+    _pending: bytearray = field(default_factory=bytearray)
+    _abandoned: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def open(self) -> Reply:
+        """Attach (a new session, or resume/take over an existing one)."""
+        self.reader, self.writer, self.last_reply = await attach(self.host, self.port, self.credential, self.target,
+                                                                 timeout=self.timeout)
+        return self.last_reply
+
+    async def send(self, data: bytes) -> None:
+        if self.writer is None:
+            raise ConnectionError("session not attached")
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, n: int = READ_SIZE) -> bytes:
+        """Bytes from the backend (first those drained from a previous connection); b"" at EOF."""
+        if self._pending:
+            data = bytes(self._pending[:n])
+            del self._pending[:n]
+            return data
+        if self.reader is None:
+            raise ConnectionError("session not attached")
+        return await self.reader.read(n)
+
+    async def recv_exactly(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = await self.recv(n - len(out))
+            if not chunk:
+                raise asyncio.IncompleteReadError(bytes(out), n)
+            out += chunk
+        return bytes(out)
+
+    async def detach(self) -> bytes:
+        """Clean detach: half-close, read the old connection to EOF (kept for ``recv``), close."""
+        if self.writer is None or self.reader is None:
+            return b""
+        writer, reader = self.writer, self.reader
+        self.writer = self.reader = None
+        drained = bytearray()
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+            while True:
+                chunk = await asyncio.wait_for(reader.read(READ_SIZE), self.timeout)
+                if not chunk:
+                    break
+                drained += chunk
+        finally:
+            writer.close()
+        self._pending += drained
+        return bytes(drained)
+
+    def drop(self) -> None:
+        """Abandon the connection without FIN, as a device losing its radio link would.
+
+        The socket is left open and unread (nothing reaches the server, which learns only when a
+        new connection takes the session over); ``close()`` releases it later.
+        """
+        if self.writer is not None:
+            self.writer.transport.pause_reading()
+            self._abandoned.append(self.writer)
+        self.reader = self.writer = None
+
+    async def handover(self, host: str, port: int, target: str = "", *, fin: bool = True) -> Reply:
+        """Move to another sessiond: detach (FIN) or drop the old connection, then resume there."""
+        if fin:
+            await self.detach()
+        else:
+            self.drop()
+        self.host, self.port, self.target = host, port, target
+        return await self.open()
+
+    async def resume(self) -> Reply:
+        """Reattach to the same place after a drop or a detach."""
+        if self.writer is not None:
+            self.drop()
+        return await self.open()
+
+    async def end(self) -> Reply:
+        """End the session (closes the backend connection); the credential is then refused."""
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+        return await end_session(self.host, self.port, self.credential, self.target, self.timeout)
+
+    async def close(self) -> None:
+        """Close without ending (the session is kept for the grace period)."""
+        for w in self._abandoned:
+            w.transport.abort()
+        self._abandoned.clear()
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+__all__ = ["SessionClient", "SessionRefused", "attach", "end_session", "ProtocolError", "Status"]

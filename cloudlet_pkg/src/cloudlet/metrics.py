@@ -1,0 +1,36 @@
+"""Prometheus metrics of one sessiond (its own ``CollectorRegistry``, no global state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+@dataclass
+class SessiondMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.sessions = Gauge("cloudlet_sessions", "Sessions by state (attached, detached, forwarded)", ["state"], registry=r)
+        self.sessions_started = Counter("cloudlet_sessions_started_total", "Sessions started on this cloudlet (anchor)", registry=r)
+        self.sessions_ended = Counter("cloudlet_sessions_ended_total", "Sessions ended, by reason", ["reason"], registry=r)
+        self.resumes = Counter("cloudlet_session_resumes_total", "Detached sessions resumed by a new connection", registry=r)
+        self.takeovers = Counter("cloudlet_session_takeovers_total", "Attached sessions taken over by a new connection (no FIN)", registry=r)
+        self.handovers = Counter(
+            "cloudlet_handovers_total",
+            "Forwarded connections: out = this cloudlet forwarded to a peer, in = arrived on the peer endpoint",
+            ["direction"], registry=r,
+        )
+        self.bytes = Counter("cloudlet_session_bytes_total", "Bytes relayed (up = client to backend)", ["direction"], registry=r)
+        self.refusals = Counter("cloudlet_refusals_total", "Connections refused, by status code", ["code"], registry=r)
+        self.header_errors = Counter("cloudlet_header_errors_total", "Malformed, oversized, truncated or slow headers", registry=r)
+        self.services = Gauge("cloudlet_services", "Services this sessiond listens for", registry=r)
+        self.buffered = Gauge("cloudlet_buffered_bytes", "Backend bytes held for detached sessions", registry=r)
+        for s in ("attached", "detached", "forwarded"):
+            self.sessions.labels(s)
+        for d in ("up", "down"):
+            self.bytes.labels(d)
+        for d in ("in", "out"):
+            self.handovers.labels(d)

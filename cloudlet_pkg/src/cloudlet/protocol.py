@@ -1,0 +1,225 @@
+"""The session wire protocol: header, status reply, status codes and limits (docs/protocol.md).
+
+A client connection starts with a header::
+
+    offset size field
+    0      4    magic  b"CLSH"
+    4      1    version (1)
+    5      1    mode   (0 = raw stream; 1 = framed, reserved)
+    6      1    op     (1 = ATTACH, 2 = END)
+    7      1    flags  (reserved, 0)
+    8      2    credential length (big endian, 1..MAX_CREDENTIAL_LEN)
+    10     2    target length     (big endian, 0..MAX_TARGET_LEN)
+    12     n    credential (ASCII)
+    12+n   m    target (ASCII: empty, "0.0.0.0" or a cloudlet name)
+
+The server answers with a reply::
+
+    0      4    magic  b"CLSR"
+    4      1    version (1)
+    5      1    status (Status)
+    6      1    flags  (bit 0: the session was resumed, bit 1: an older connection was taken over)
+    7      1    message length (0..255)
+    8      k    message (UTF-8)
+
+After an OK reply to ATTACH the connection carries raw bytes both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+MAGIC = b"CLSH"
+REPLY_MAGIC = b"CLSR"
+VERSION = 1
+MAX_CREDENTIAL_LEN = 160
+MAX_TARGET_LEN = 64
+HEADER_FIXED = struct.Struct("!4sBBBBHH")
+REPLY_FIXED = struct.Struct("!4sBBBB")
+MAX_HEADER_LEN = HEADER_FIXED.size + MAX_CREDENTIAL_LEN + MAX_TARGET_LEN
+MAX_MESSAGE_LEN = 255
+MAX_REPLY_LEN = REPLY_FIXED.size + MAX_MESSAGE_LEN
+DEFAULT_HEADER_TIMEOUT = 5.0
+LOCAL_TARGETS = frozenset({"", "0.0.0.0"})
+TARGET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+REPLY_RESUMED = 0x01
+REPLY_TOOK_OVER = 0x02
+
+
+class Mode(IntEnum):
+    RAW = 0
+    FRAMED = 1  # reserved: sequence numbers and acknowledgements (not implemented by v1 servers)
+
+
+class Op(IntEnum):
+    ATTACH = 1
+    END = 2
+
+
+class Status(IntEnum):
+    OK = 0
+    BAD_HEADER = 1
+    UNSUPPORTED_VERSION = 2
+    UNSUPPORTED_MODE = 3
+    BAD_CREDENTIAL = 4
+    WRONG_SERVICE = 5
+    EXPIRED = 6
+    SESSION_ENDED = 7
+    UNKNOWN_SERVICE = 8
+    UNKNOWN_PEER = 9
+    PEER_UNAVAILABLE = 10
+    BACKEND_UNAVAILABLE = 11
+    TOO_MANY_SESSIONS = 12
+    HEADER_TIMEOUT = 13
+    BAD_TARGET = 14
+    INTERNAL = 15
+
+
+class ProtocolError(Exception):
+    """A header or reply could not be accepted; ``status`` is what goes on the wire."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    op: Op
+    credential: str
+    target: str = ""
+    mode: Mode = Mode.RAW
+
+    @property
+    def is_local(self) -> bool:
+        return self.target in LOCAL_TARGETS
+
+    def encode(self) -> bytes:
+        return encode_header(self.credential, self.target, self.op, self.mode)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: Status
+    message: str = ""
+    flags: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.OK
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.flags & REPLY_RESUMED)
+
+    @property
+    def took_over(self) -> bool:
+        return bool(self.flags & REPLY_TOOK_OVER)
+
+    def encode(self) -> bytes:
+        return encode_reply(self.status, self.message, self.flags)
+
+
+def encode_header(credential: str, target: str = "", op: Op = Op.ATTACH, mode: Mode = Mode.RAW) -> bytes:
+    cred = credential.encode("ascii")
+    tgt = target.encode("ascii")
+    if not 0 < len(cred) <= MAX_CREDENTIAL_LEN:
+        raise ValueError(f"credential length {len(cred)} not in 1..{MAX_CREDENTIAL_LEN}")
+    if len(tgt) > MAX_TARGET_LEN:
+        raise ValueError(f"target length {len(tgt)} over {MAX_TARGET_LEN}")
+    return HEADER_FIXED.pack(MAGIC, VERSION, int(mode), int(op), 0, len(cred), len(tgt)) + cred + tgt
+
+
+def encode_reply(status: Status, message: str = "", flags: int = 0) -> bytes:
+    msg = message.encode("utf-8")[:MAX_MESSAGE_LEN]
+    return REPLY_FIXED.pack(REPLY_MAGIC, VERSION, int(status), flags, len(msg)) + msg
+
+
+def _check_target(target: str) -> None:
+    if target not in LOCAL_TARGETS and not TARGET_RE.match(target):
+        raise ProtocolError(Status.BAD_TARGET, f"target {target!r} is neither empty, 0.0.0.0 nor a cloudlet name")
+
+
+class HeaderParser:
+    """Incremental header parser: ``feed`` bytes until it returns ``(header, rest)``.
+
+    Errors are raised as soon as they can be seen (an oversized length field is refused before the
+    bytes it announces arrive), so a bad client costs at most ``MAX_HEADER_LEN`` bytes of memory.
+    """
+
+    __slots__ = ("_buf", "_need")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._need = HEADER_FIXED.size
+
+    def feed(self, data: bytes) -> tuple[Header, bytes] | None:
+        buf = self._buf + data if self._buf else data
+        if len(buf) < HEADER_FIXED.size:
+            if buf and not MAGIC.startswith(buf[: len(MAGIC)]):
+                raise ProtocolError(Status.BAD_HEADER, "bad magic: not a cloudlet session header")
+            self._buf = buf
+            return None
+        magic, version, mode, op, _flags, cred_len, target_len = HEADER_FIXED.unpack_from(buf)
+        if magic != MAGIC:
+            raise ProtocolError(Status.BAD_HEADER, "bad magic: not a cloudlet session header")
+        if version != VERSION:
+            raise ProtocolError(Status.UNSUPPORTED_VERSION, f"protocol version {version} not supported (server speaks {VERSION})")
+        if mode != Mode.RAW:
+            raise ProtocolError(Status.UNSUPPORTED_MODE, f"mode {mode} not supported (only 0 = raw)")
+        if op not in (Op.ATTACH, Op.END):
+            raise ProtocolError(Status.BAD_HEADER, f"unknown op {op}")
+        if cred_len == 0 or cred_len > MAX_CREDENTIAL_LEN:
+            raise ProtocolError(Status.BAD_HEADER, f"credential length {cred_len} not in 1..{MAX_CREDENTIAL_LEN}")
+        if target_len > MAX_TARGET_LEN:
+            raise ProtocolError(Status.BAD_HEADER, f"target length {target_len} over {MAX_TARGET_LEN}")
+        total = HEADER_FIXED.size + cred_len + target_len
+        if len(buf) < total:
+            self._buf = buf
+            return None
+        start = HEADER_FIXED.size
+        try:
+            credential = buf[start : start + cred_len].decode("ascii")
+            target = buf[start + cred_len : total].decode("ascii")
+        except UnicodeDecodeError:
+            raise ProtocolError(Status.BAD_HEADER, "credential and target must be ASCII") from None
+        _check_target(target)
+        self._buf = b""
+        return Header(Op(op), credential, target, Mode(mode)), buf[total:]
+
+
+def parse_reply(data: bytes) -> tuple[Reply, bytes] | None:
+    """Parse a reply from the start of ``data``; ``None`` if more bytes are needed."""
+    if len(data) < REPLY_FIXED.size:
+        return None
+    magic, version, status, flags, msg_len = REPLY_FIXED.unpack_from(data)
+    if magic != REPLY_MAGIC or version != VERSION:
+        raise ProtocolError(Status.BAD_HEADER, "bad reply magic or version: not a cloudlet sessiond")
+    end = REPLY_FIXED.size + msg_len
+    if len(data) < end:
+        return None
+    try:
+        st = Status(status)
+    except ValueError:
+        st = Status.INTERNAL
+    return Reply(st, data[REPLY_FIXED.size : end].decode("utf-8", "replace"), flags), data[end:]
+
+
+async def read_reply(reader: asyncio.StreamReader) -> Reply:
+    """Read one reply from a stream (raises ``ProtocolError`` or ``asyncio.IncompleteReadError``)."""
+    fixed = await reader.readexactly(REPLY_FIXED.size)
+    magic, version, status, flags, msg_len = REPLY_FIXED.unpack(fixed)
+    if magic != REPLY_MAGIC or version != VERSION:
+        raise ProtocolError(Status.BAD_HEADER, "bad reply magic or version: not a cloudlet sessiond")
+    msg = await reader.readexactly(msg_len) if msg_len else b""
+    try:
+        st = Status(status)
+    except ValueError:
+        st = Status.INTERNAL
+    return Reply(st, msg.decode("utf-8", "replace"), flags)

@@ -1,0 +1,335 @@
+"""The byte relay: the server side of every session connection, and the forwarding pipe.
+
+:class:`ServerConnection` is the asyncio Protocol of each accepted connection, on a service port
+or on the peer endpoint. It reads the header (bounded size, bounded time), dispatches, and then
+becomes a pipe: into the session's upstream transport (anchor) or into a peer channel (forwarder).
+Writes go straight into the other side's transport; flow control pauses reading on the other side
+when a write buffer passes its high-water mark, so memory stays bounded per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from cloudlet.hop import PeerError
+from cloudlet.logs import event
+from cloudlet.protocol import (
+    HeaderParser,
+    Op,
+    ProtocolError,
+    Status,
+    encode_header,
+    encode_reply,
+    read_reply,
+)
+from cloudlet.session import WRITE_HIGH, Refused, ServiceEntry, Session, SessionManager
+
+log = logging.getLogger(__name__)
+
+PEER_READ_SIZE = 256 * 1024
+
+
+class ServerConnection(asyncio.Protocol):
+    """One accepted connection; ``service`` is None on the peer endpoint."""
+
+    __slots__ = ("manager", "service", "transport", "parser", "timer", "session", "forward", "lost", "task")
+
+    def __init__(self, manager: SessionManager, service: ServiceEntry | None) -> None:
+        self.manager = manager
+        self.service = service
+        self.transport: Any = None
+        self.parser: HeaderParser | None = HeaderParser()
+        self.timer: asyncio.TimerHandle | None = None
+        self.session: Session | None = None
+        self.forward: Forward | None = None
+        self.lost = False
+        self.task: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
+        self.timer = self.manager.loop.call_later(self.manager.header_timeout, self._header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        s = self.session
+        if s is not None:  # the hot path
+            s.upstream.transport.write(data)  # type: ignore[union-attr]
+            s.bytes_up += len(data)
+            return
+        f = self.forward
+        if f is not None:
+            f.client_data(data)
+            return
+        parser = self.parser
+        if parser is None:
+            return
+        try:
+            result = parser.feed(data)
+        except ProtocolError as exc:
+            self._bad_header(exc.status, exc.message)
+            return
+        if result is None:
+            return
+        self.parser = None
+        self._cancel_timer()
+        self.transport.pause_reading()
+        header, rest = result
+        self.task = self.manager.loop.create_task(self._dispatch(header, rest))
+
+    def eof_received(self) -> bool:
+        if self.session is not None:
+            self.session.client_gone(self, fin=True)
+        elif self.forward is not None:
+            self.forward.client_eof()
+        elif self.parser is not None:
+            self._bad_header(Status.BAD_HEADER, "truncated header: connection half-closed before the header was complete")
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._cancel_timer()
+        if self.session is not None:
+            self.session.client_gone(self, fin=False)
+        elif self.forward is not None:
+            self.forward.close()
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.client_write_pressure(self, True)
+        elif self.forward is not None:
+            self.forward.writable.clear()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.client_write_pressure(self, False)
+        elif self.forward is not None:
+            self.forward.writable.set()
+
+    # -- header handling ---------------------------------------------------------------------
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _header_timeout(self) -> None:
+        self.timer = None
+        if self.parser is not None:
+            self._bad_header(Status.HEADER_TIMEOUT, f"no complete header within {self.manager.header_timeout:g} s")
+
+    def _bad_header(self, status: Status, message: str) -> None:
+        self.parser = None
+        self._cancel_timer()
+        self.manager.metrics.header_errors.inc()
+        self.refuse(status, message)
+
+    def refuse(self, status: Status, message: str, session: str | None = None) -> None:
+        self.manager.metrics.refusals.labels(status.name).inc()
+        event(log, logging.INFO, "connection refused", code=status.name, reason=message, session=session,
+              service=self.service.name if self.service else None, peer_endpoint=self.service is None)
+        if not self.transport.is_closing():
+            self.transport.write(encode_reply(status, message))
+            self.transport.close()
+
+    async def _dispatch(self, header: Any, rest: bytes) -> None:
+        m = self.manager
+        sid: str | None = None
+        try:
+            if self.service is None:  # peer endpoint: the service comes from the credential
+                if not header.is_local and header.target != m.cloudlet:
+                    raise Refused(Status.BAD_TARGET, "the peer endpoint does not forward further: name the anchor cloudlet")
+                cred = m.check(header.credential, None)
+                sid = cred.nonce
+                service = m.services.get(cred.service)
+                if service is None:
+                    raise Refused(Status.UNKNOWN_SERVICE, f"no service {cred.service!r} on cloudlet {m.cloudlet!r}")
+                via_peer = True
+            else:
+                service = self.service
+                if m.services.get(service.name) is not service:
+                    raise Refused(Status.UNKNOWN_SERVICE, f"service {service.name!r} is being removed")
+                cred = m.check(header.credential, service.name)
+                sid = cred.nonce
+                via_peer = False
+                if not header.is_local and header.target != m.cloudlet:
+                    await self._forward(header, cred.nonce, service, rest)
+                    return
+            if header.op == Op.END:
+                existed = m.end_credential(cred, "ended_by_client")
+                self.transport.write(encode_reply(Status.OK, "session ended" if existed else "no live session; credential retired"))
+                self.transport.close()
+                return
+            await m.attach(self, cred, service, rest, via_peer)
+            if via_peer:
+                m.metrics.handovers.labels("in").inc()
+        except Refused as exc:
+            self.refuse(exc.status, exc.message, sid)
+        except Exception as exc:  # never let one connection take the daemon down
+            log.exception("internal error while dispatching a connection")
+            self.refuse(Status.INTERNAL, f"internal error: {type(exc).__name__}", sid)
+
+    async def _forward(self, header: Any, sid: str, service: ServiceEntry, rest: bytes) -> None:
+        m = self.manager
+        if m.connector is None:
+            raise Refused(Status.UNKNOWN_PEER, f"cloudlet {m.cloudlet!r} has no peers configured")
+        try:
+            reader, writer = await m.connector.open(header.target)
+        except PeerError as exc:
+            raise Refused(exc.status, str(exc)) from None
+        try:
+            writer.write(encode_header(header.credential, "", header.op))
+            reply = await asyncio.wait_for(read_reply(reader), m.header_timeout + m.backend_connect_timeout)
+        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as exc:
+            _close_writer(writer)
+            _channel_closed(m, header.target)
+            raise Refused(Status.PEER_UNAVAILABLE, f"peer {header.target!r} gave no reply: {exc or type(exc).__name__}") from None
+        except Exception as exc:  # tunnel errors (asyncssh.Error, ...)
+            _close_writer(writer)
+            _channel_closed(m, header.target)
+            raise Refused(Status.PEER_UNAVAILABLE, f"peer {header.target!r} failed: {exc or type(exc).__name__}") from None
+        if self.lost:
+            _close_writer(writer)
+            _channel_closed(m, header.target)
+            return
+        self.transport.write(reply.encode())
+        if not reply.ok or header.op == Op.END:
+            _close_writer(writer)
+            _channel_closed(m, header.target)
+            self.transport.close()
+            event(log, logging.INFO, "forwarded request answered", session=sid, peer=header.target,
+                  code=reply.status.name, op=header.op.name)
+            return
+        fwd = Forward(m, self, reader, writer, sid, service, header.target)
+        self.forward = fwd
+        m.forwards.add(fwd)
+        m.metrics.handovers.labels("out").inc()
+        event(log, logging.INFO, "session forwarded", session=sid, service=service.name, peer=header.target)
+        if rest:
+            fwd.client_data(rest)
+        fwd.start()
+        if not fwd.draining:
+            self.transport.resume_reading()
+
+
+def _close_writer(writer: Any) -> None:
+    try:
+        writer.close()
+    except Exception:  # already closed or broken: nothing left to release
+        pass
+
+
+def _channel_closed(m: SessionManager, peer: str) -> None:
+    hook = getattr(m.connector, "channel_closed", None)
+    if hook is not None:
+        hook(peer)
+
+
+def _write_buffer_size(writer: Any) -> int:
+    transport = getattr(writer, "transport", None)
+    if transport is not None and hasattr(transport, "get_write_buffer_size"):
+        return int(transport.get_write_buffer_size())
+    channel = getattr(writer, "channel", None)
+    if channel is not None and hasattr(channel, "get_write_buffer_size"):
+        return int(channel.get_write_buffer_size())
+    return WRITE_HIGH + 1  # unknown: always wait for drain()
+
+
+class Forward:
+    """A forwarded connection: client <-> peer channel, passing half-closes; no session state."""
+
+    __slots__ = ("manager", "conn", "reader", "writer", "id", "service", "peer", "since", "bytes_up",
+                 "bytes_down", "counted_up", "counted_down", "task", "up_eof", "down_eof", "writable",
+                 "draining", "closed")
+
+    def __init__(self, manager: SessionManager, conn: ServerConnection, reader: Any, writer: Any, sid: str,
+                 service: ServiceEntry, peer: str) -> None:
+        self.manager = manager
+        self.conn = conn
+        self.reader = reader
+        self.writer = writer
+        self.id = sid
+        self.service = service
+        self.peer = peer
+        self.since = time.time()
+        self.bytes_up = self.bytes_down = self.counted_up = self.counted_down = 0
+        self.task: asyncio.Task[None] | None = None
+        self.up_eof = self.down_eof = self.draining = self.closed = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def start(self) -> None:
+        self.task = self.manager.loop.create_task(self._pump())
+
+    def client_data(self, data: bytes) -> None:
+        self.bytes_up += len(data)
+        self.writer.write(data)
+        if not self.draining and _write_buffer_size(self.writer) > WRITE_HIGH:
+            self.draining = True
+            self.conn.transport.pause_reading()
+            self.manager.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except Exception:  # the pump sees the broken channel and closes
+            pass
+        self.draining = False
+        if not self.closed and not self.conn.transport.is_closing():
+            self.conn.transport.resume_reading()
+
+    def client_eof(self) -> None:
+        self.up_eof = True
+        try:
+            self.writer.write_eof()
+        except Exception:
+            self.close()
+            return
+        if self.down_eof:
+            self.close()
+
+    async def _pump(self) -> None:
+        conn_t = self.conn.transport
+        try:
+            while True:
+                data = await self.reader.read(PEER_READ_SIZE)
+                if not data:
+                    break
+                self.bytes_down += len(data)
+                conn_t.write(data)
+                if not self.writable.is_set():
+                    await self.writable.wait()
+            self.down_eof = True
+            if not conn_t.is_closing():
+                conn_t.write_eof()
+            if self.up_eof:
+                self.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer channel broke: make the client see it
+            event(log, logging.INFO, "peer channel broke", session=self.id, peer=self.peer, error=str(exc) or type(exc).__name__)
+            conn_t.abort()
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.conn.forward = None
+        if not self.conn.transport.is_closing():
+            self.conn.transport.close()
+        _close_writer(self.writer)
+        _channel_closed(self.manager, self.peer)
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+        self.writable.set()
+        self.manager.forwards.discard(self)
+        self.manager.count_bytes(self)
+        event(log, logging.INFO, "forward closed", session=self.id, peer=self.peer,
+              bytes_up=self.bytes_up, bytes_down=self.bytes_down)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "service": self.service.name, "state": "forwarded", "since": round(self.since, 3),
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "buffered": 0, "peer": self.peer}

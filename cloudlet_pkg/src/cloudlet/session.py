@@ -1,0 +1,450 @@
+"""Sessions that outlive connections (the anchor side of the Session Service).
+
+A :class:`Session` owns one upstream connection to the service's backend. Client connections come
+and go: a half-close (FIN) detaches (the server flushes, closes its side and keeps the session for
+the grace period, holding what the backend sends in a bounded buffer, then pausing the backend);
+a new connection with the same credential resumes (buffered bytes first, in order, once); a new
+connection while the old one is still attached takes over (the old one is aborted). END, grace
+expiry, the backend closing or the service being deleted end the session.
+
+Hot path: :class:`cloudlet.relay.ServerConnection` and :class:`UpstreamProtocol` are asyncio
+Protocols writing straight into each other's transports, with flow control both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cloudlet import credentials
+from cloudlet.logs import event
+from cloudlet.metrics import SessiondMetrics
+from cloudlet.protocol import REPLY_RESUMED, REPLY_TOOK_OVER, Status, encode_reply
+
+if TYPE_CHECKING:
+    from cloudlet.relay import ServerConnection
+
+log = logging.getLogger(__name__)
+
+CONNECTING, ATTACHED, DETACHED, ENDED = "connecting", "attached", "detached", "ended"
+WRITE_HIGH = 256 * 1024
+
+
+@dataclass(slots=True, eq=False)
+class ServiceEntry:
+    """A service this sessiond listens for: its own port, relayed to ``backend``."""
+
+    name: str
+    port: int
+    listen: str
+    backend: str
+    server: Any = None  # asyncio.Server
+
+    @property
+    def backend_hostport(self) -> tuple[str, int]:
+        host, _, port = self.backend.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def to_json(self, sessions: int) -> dict[str, Any]:
+        return {"name": self.name, "port": self.port, "listen": self.listen, "backend": self.backend, "sessions": sessions}
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """The session's connection to the backend; lives as long as the session."""
+
+    __slots__ = ("session", "transport")
+
+    def __init__(self, session: "Session") -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        s = self.session
+        c = s.client
+        if c is not None:
+            c.transport.write(data)
+            s.bytes_down += len(data)
+        else:
+            s.hold(data)
+
+    def eof_received(self) -> bool:
+        self.session.backend_closed()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.backend_closed()
+
+    def pause_writing(self) -> None:
+        s = self.session
+        s.upstream_write_paused = True
+        if s.client is not None:
+            s.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        s = self.session
+        s.upstream_write_paused = False
+        if s.client is not None and not s.client.transport.is_closing():
+            s.client.transport.resume_reading()
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    id: str
+    service: ServiceEntry
+    manager: "SessionManager"
+    issued: int
+    since: float = field(default_factory=time.time)
+    state: str = CONNECTING
+    client: "ServerConnection | None" = None
+    upstream: UpstreamProtocol | None = None
+    buffer: bytearray | None = None
+    backend_eof: bool = False
+    upstream_paused: bool = False
+    upstream_write_paused: bool = False
+    client_write_paused: bool = False
+    grace: asyncio.TimerHandle | None = None
+    ready: asyncio.Future[None] | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    counted_up: int = 0
+    counted_down: int = 0
+
+    # -- connection events -------------------------------------------------------------------
+    def attach(self, conn: "ServerConnection", rest: bytes, via_peer: bool) -> None:
+        """Give the session to ``conn`` (a new, resumed or taken-over attachment)."""
+        m = self.manager
+        flags = 0
+        resumed = self.state != CONNECTING
+        old = self.client
+        if old is not None and old is not conn:
+            flags |= REPLY_TOOK_OVER
+            old.session = None
+            old.transport.abort()
+            m.metrics.takeovers.inc()
+            event(log, logging.INFO, "session taken over", session=self.id, service=self.service.name)
+        if resumed:
+            flags |= REPLY_RESUMED
+            if old is None:
+                m.metrics.resumes.inc()
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+        self.state = ATTACHED
+        self.client = conn
+        self.client_write_paused = False
+        conn.session = self
+        t = conn.transport
+        t.write(encode_reply(Status.OK, "resumed" if resumed else "new session", flags))
+        if self.buffer:
+            self.bytes_down += len(self.buffer)
+            t.write(bytes(self.buffer))
+            self.buffer = None
+        if self.backend_eof:
+            t.close()  # backend already gone: deliver what was held, then EOF
+            self.end("backend_closed")
+            return
+        if rest:
+            self.bytes_up += len(rest)
+            self.upstream.transport.write(rest)  # type: ignore[union-attr]
+        self._update_upstream_reading()
+        if not self.upstream_write_paused:
+            t.resume_reading()
+        event(log, logging.INFO, "session resumed" if resumed else "session attached",
+              session=self.id, service=self.service.name, via_peer=via_peer, took_over=bool(flags & REPLY_TOOK_OVER))
+
+    def client_gone(self, conn: "ServerConnection", fin: bool) -> None:
+        """The attached connection half-closed (``fin``) or dropped: detach, keep the session."""
+        if self.client is not conn or self.state == ENDED:
+            return
+        self.client = None
+        conn.session = None
+        self.client_write_paused = False
+        if fin:
+            conn.transport.close()  # flush what was already written, then our FIN
+        self.state = DETACHED
+        self.grace = self.manager.loop.call_later(self.manager.grace_seconds, self._grace_expired)
+        self._update_upstream_reading()
+        self.manager.count_bytes(self)
+        event(log, logging.INFO, "session detached", session=self.id, service=self.service.name, fin=fin)
+
+    def client_write_pressure(self, conn: "ServerConnection", paused: bool) -> None:
+        if self.client is conn:
+            self.client_write_paused = paused
+            self._update_upstream_reading()
+
+    # -- backend events ----------------------------------------------------------------------
+    def hold(self, data: bytes) -> None:
+        """Keep backend bytes for a detached client; pause the backend at the buffer limit."""
+        if self.buffer is None:
+            self.buffer = bytearray(data)
+        else:
+            self.buffer += data
+        if len(self.buffer) >= self.manager.buffer_bytes:
+            self._update_upstream_reading()
+
+    def backend_closed(self) -> None:
+        if self.backend_eof or self.state == ENDED:
+            return
+        self.backend_eof = True
+        if self.client is not None:
+            self.client.transport.close()  # flush, then pass the close on
+            self.end("backend_closed")
+        else:
+            event(log, logging.INFO, "backend closed while detached", session=self.id, buffered=len(self.buffer or b""))
+
+    # -- ending ------------------------------------------------------------------------------
+    def _grace_expired(self) -> None:
+        self.grace = None
+        if self.state == DETACHED:
+            self.end("grace_expired")
+
+    def end(self, reason: str) -> None:
+        if self.state == ENDED:
+            return
+        self.state = ENDED
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        if self.client is not None:
+            self.client.session = None
+            self.client.transport.close()
+            self.client = None
+        self.buffer = None
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"session ended: {reason}"))
+            self.ready.exception()  # mark retrieved
+        self.manager.session_ended(self, reason)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _update_upstream_reading(self) -> None:
+        up = self.upstream
+        if up is None or up.transport is None or up.transport.is_closing():
+            return
+        if self.client is not None:
+            pause = self.client_write_paused
+        else:
+            pause = self.buffer is not None and len(self.buffer) >= self.manager.buffer_bytes
+        if pause and not self.upstream_paused:
+            up.transport.pause_reading()
+            self.upstream_paused = True
+        elif not pause and self.upstream_paused:
+            up.transport.resume_reading()
+            self.upstream_paused = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buffer) if self.buffer else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "service": self.service.name, "state": self.state, "since": round(self.since, 3),
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "buffered": self.buffered}
+
+
+class Tombstones:
+    """Bounded record of ended sessions (nonce -> time its credential expires anyway)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, nonce: str, expires_at: float) -> None:
+        now = time.time()
+        items = self._items
+        items[nonce] = expires_at
+        items.move_to_end(nonce)
+        while items and (len(items) > self.limit or next(iter(items.values())) < now):
+            items.popitem(last=False)
+
+    def __contains__(self, nonce: str) -> bool:
+        exp = self._items.get(nonce)
+        return exp is not None and exp >= time.time()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Refused(Exception):
+    """A connection is refused with ``status`` (sent to the client as the reply)."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class SessionManager:
+    """The table of live sessions of one sessiond, and the policy for starting and ending them."""
+
+    def __init__(
+        self,
+        *,
+        cloudlet: str,
+        secret: bytes,
+        metrics: SessiondMetrics,
+        grace_seconds: float = 30.0,
+        buffer_bytes: int = 1 << 20,
+        max_sessions: int = 100_000,
+        header_timeout: float = 5.0,
+        credential_lifetime: float = 86400.0,
+        backend_connect_timeout: float = 5.0,
+        connector: Any = None,
+    ) -> None:
+        self.cloudlet = cloudlet
+        self.secret = secret
+        self.metrics = metrics
+        self.grace_seconds = grace_seconds
+        self.buffer_bytes = buffer_bytes
+        self.max_sessions = max_sessions
+        self.header_timeout = header_timeout
+        self.credential_lifetime = credential_lifetime
+        self.backend_connect_timeout = backend_connect_timeout
+        self.connector = connector
+        self.loop = asyncio.get_running_loop()
+        self.services: dict[str, ServiceEntry] = {}
+        self.sessions: dict[str, Session] = {}
+        self.forwards: set[Any] = set()
+        self.tombstones = Tombstones(max(10_000, max_sessions))
+
+    # -- credentials -------------------------------------------------------------------------
+    def check(self, token: str, service: str | None) -> credentials.Credential:
+        try:
+            cred = credentials.parse(self.secret, token)
+        except credentials.CredentialError as exc:
+            raise Refused(Status.BAD_CREDENTIAL, str(exc)) from None
+        if service is not None and cred.service != service:
+            raise Refused(Status.WRONG_SERVICE, f"credential belongs to service {cred.service!r}, not {service!r}")
+        return cred
+
+    def live_count(self) -> int:
+        return len(self.sessions) + len(self.forwards)
+
+    # -- attach ------------------------------------------------------------------------------
+    async def attach(self, conn: "ServerConnection", cred: credentials.Credential, service: ServiceEntry,
+                     rest: bytes, via_peer: bool) -> None:
+        s = self.sessions.get(cred.nonce)
+        if s is None:
+            if cred.nonce in self.tombstones:
+                raise Refused(Status.SESSION_ENDED, "this session has ended; ask the controller for a new one")
+            if time.time() - cred.issued > self.credential_lifetime:
+                raise Refused(Status.EXPIRED, "session credential expired")
+            if self.live_count() >= self.max_sessions:
+                raise Refused(Status.TOO_MANY_SESSIONS, f"this cloudlet already holds {self.max_sessions} sessions")
+            s = Session(cred.nonce, service, self, cred.issued)
+            s.ready = self.loop.create_future()
+            self.sessions[cred.nonce] = s
+            host, port = service.backend_hostport
+            try:
+                _, up = await asyncio.wait_for(
+                    self.loop.create_connection(lambda: UpstreamProtocol(s), host, port), self.backend_connect_timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                if self.sessions.get(cred.nonce) is s:
+                    del self.sessions[cred.nonce]
+                s.state = ENDED
+                if not s.ready.done():
+                    s.ready.set_exception(ConnectionError("backend unavailable"))
+                    s.ready.exception()
+                raise Refused(Status.BACKEND_UNAVAILABLE,
+                              f"backend {service.backend} of service {service.name!r} unavailable: {exc or 'timeout'}") from None
+            if s.state == ENDED:
+                up.transport.close()  # type: ignore[union-attr]
+                raise Refused(Status.SESSION_ENDED, "session ended while it was being set up")
+            s.upstream = up  # type: ignore[assignment]
+            self.metrics.sessions_started.inc()
+            s.ready.set_result(None)
+            s.ready = None
+        elif s.state == CONNECTING and s.ready is not None:
+            try:
+                await asyncio.shield(s.ready)
+            except ConnectionError:
+                raise Refused(Status.SESSION_ENDED, "session ended while it was being set up") from None
+        if s.state == ENDED:
+            raise Refused(Status.SESSION_ENDED, "this session has ended")
+        if s.service is not service:
+            raise Refused(Status.WRONG_SERVICE, "session belongs to another instance of this service")
+        s.attach(conn, rest, via_peer)
+        if conn.lost:
+            s.client_gone(conn, fin=False)
+
+    # -- ending ------------------------------------------------------------------------------
+    def end_credential(self, cred: credentials.Credential, reason: str) -> bool:
+        s = self.sessions.get(cred.nonce)
+        if s is not None:
+            s.end(reason)
+            return True
+        self.tombstones.add(cred.nonce, cred.issued + self.credential_lifetime)
+        return False
+
+    def end_id(self, session_id: str, reason: str) -> bool:
+        s = self.sessions.get(session_id)
+        if s is None:
+            return False
+        s.end(reason)
+        return True
+
+    def session_ended(self, s: Session, reason: str) -> None:
+        if self.sessions.get(s.id) is s:
+            del self.sessions[s.id]
+        self.tombstones.add(s.id, s.issued + self.credential_lifetime)
+        self.metrics.sessions_ended.labels(reason).inc()
+        self.count_bytes(s)
+        event(log, logging.INFO, "session ended", session=s.id, service=s.service.name, reason=reason,
+              bytes_up=s.bytes_up, bytes_down=s.bytes_down)
+
+    def end_service(self, entry: ServiceEntry) -> None:
+        for s in [s for s in self.sessions.values() if s.service is entry]:
+            s.end("service_deleted")
+        for f in [f for f in self.forwards if f.service is entry]:
+            f.close()
+
+    def end_all(self) -> None:
+        for s in list(self.sessions.values()):
+            s.end("shutdown")
+        for f in list(self.forwards):
+            f.close()
+
+    # -- observation -------------------------------------------------------------------------
+    def count_bytes(self, s: Any) -> None:
+        up, down = s.bytes_up - s.counted_up, s.bytes_down - s.counted_down
+        if up:
+            self.metrics.bytes.labels("up").inc(up)
+            s.counted_up = s.bytes_up
+        if down:
+            self.metrics.bytes.labels("down").inc(down)
+            s.counted_down = s.bytes_down
+
+    def collect(self) -> None:
+        """Bring gauges and byte counters up to date (called before each scrape)."""
+        states = {"attached": 0, "detached": 0, "forwarded": len(self.forwards)}
+        buffered = 0
+        for s in self.sessions.values():
+            if s.state == ATTACHED:
+                states["attached"] += 1
+            elif s.state == DETACHED:
+                states["detached"] += 1
+            buffered += s.buffered
+            self.count_bytes(s)
+        for f in self.forwards:
+            self.count_bytes(f)
+        for k, v in states.items():
+            self.metrics.sessions.labels(k).set(v)
+        self.metrics.buffered.set(buffered)
+        self.metrics.services.set(len(self.services))
+
+    def service_sessions(self, entry: ServiceEntry) -> int:
+        return sum(1 for s in self.sessions.values() if s.service is entry) + sum(
+            1 for f in self.forwards if f.service is entry)
+
+    def list_sessions(self, service: str | None = None) -> list[dict[str, Any]]:
+        out = [s.to_json() for s in self.sessions.values() if service is None or s.service.name == service]
+        out += [f.to_json() for f in self.forwards if service is None or f.service.name == service]
+        return sorted(out, key=lambda d: d["since"])

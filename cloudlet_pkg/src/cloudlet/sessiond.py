@@ -1,0 +1,487 @@
+"""`cloudlet sessiond`: the Session Service daemon of one cloudlet (docs/sessiond.md).
+
+It listens on one port per service (relaying to the service's backend), on the peer endpoint
+(loopback; reached by other cloudlets through their tunnels), on a Unix socket for the control API
+(HTTP/JSON, used by the controller) and on an HTTP port for Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cloudlet import credentials
+from cloudlet.hop import make_connector, parse_hostport
+from cloudlet.logs import event, setup_logging
+from cloudlet.metrics import SessiondMetrics
+from cloudlet.relay import ServerConnection
+from cloudlet.session import ServiceEntry, SessionManager
+
+log = logging.getLogger(__name__)
+
+NAME_RE = credentials.NAME_RE
+
+
+@dataclass
+class SessiondConfig:
+    """The ``[sessiond]`` table plus ``[peers.*]`` (every key documented in docs/sessiond.md)."""
+
+    cloudlet: str
+    secret_file: str
+    control_socket: str = "/run/cloudlet/sessiond.sock"
+    state_dir: str = "/var/lib/cloudlet/sessiond"
+    peer_listen: str = "127.0.0.1:7700"
+    metrics_listen: str = "127.0.0.1:9701"
+    grace_seconds: float = 30.0
+    buffer_bytes: int = 1048576
+    max_sessions: int = 100000
+    header_timeout_seconds: float = 5.0
+    credential_lifetime_seconds: float = 86400.0
+    backend_connect_timeout_seconds: float = 5.0
+    peer_connect_timeout_seconds: float = 3.0
+    peer_listen_allow_remote: bool = False
+    log_level: str = "info"
+    log_format: str = "json"
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SessiondConfig":
+        unknown_top = set(data) - {"sessiond", "peers"}
+        if unknown_top:
+            raise ValueError(f"unknown config table(s): {', '.join(sorted(unknown_top))}")
+        table = dict(data.get("sessiond", {}))
+        known = {f.name for f in fields(cls)} - {"peers"}
+        unknown = set(table) - known
+        if unknown:
+            raise ValueError(f"unknown [sessiond] key(s): {', '.join(sorted(unknown))}")
+        for key in ("cloudlet", "secret_file"):
+            if key not in table:
+                raise ValueError(f"[sessiond] {key} is required")
+        cfg = cls(**table, peers={str(k): dict(v) for k, v in data.get("peers", {}).items()})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SessiondConfig":
+        with open(path, "rb") as fh:
+            return cls.from_dict(tomllib.load(fh))
+
+    def validate(self) -> None:
+        if not NAME_RE.match(self.cloudlet):
+            raise ValueError(f"cloudlet name {self.cloudlet!r} must match {NAME_RE.pattern}")
+        for name in self.peers:
+            if not NAME_RE.match(name):
+                raise ValueError(f"peer name {name!r} must match {NAME_RE.pattern}")
+        host, _ = parse_hostport(self.peer_listen, "peer_listen")
+        if not self.peer_listen_allow_remote and not _is_loopback(host):
+            raise ValueError(f"peer_listen {self.peer_listen!r} is not a loopback address "
+                             "(peers reach it through their tunnel; set peer_listen_allow_remote = true to override)")
+        if self.metrics_listen:
+            parse_hostport(self.metrics_listen, "metrics_listen")
+        for key in ("grace_seconds", "header_timeout_seconds", "credential_lifetime_seconds",
+                    "backend_connect_timeout_seconds", "peer_connect_timeout_seconds"):
+            if float(getattr(self, key)) <= 0:
+                raise ValueError(f"{key} must be positive")
+        if int(self.buffer_bytes) < 1024 or int(self.max_sessions) < 1:
+            raise ValueError("buffer_bytes must be at least 1024 and max_sessions at least 1")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _validate_backend(backend: Any) -> str:
+    if not isinstance(backend, str):
+        raise ApiError(400, "bad_request", "backend must be a string HOST:PORT")
+    try:
+        host, port = parse_hostport(backend, "backend")
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    if port == 0:
+        raise ApiError(400, "bad_request", "backend port must not be 0")
+    return backend
+
+
+class Sessiond:
+    """One running session daemon (usable in-process by tests and benchmarks)."""
+
+    def __init__(self, config: SessiondConfig, connector: Any = None) -> None:
+        self.config = config
+        self._connector = connector
+        self.metrics = SessiondMetrics()
+        self.manager: SessionManager | None = None
+        self.peer_server: asyncio.AbstractServer | None = None
+        self._runners: list[web.AppRunner] = []
+        self.peer_address: tuple[str, int] | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self._lock = asyncio.Lock()
+        self.stopped = asyncio.Event()
+
+    @property
+    def services_file(self) -> Path:
+        return Path(self.config.state_dir) / "services.json"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        secret = credentials.load_secret(cfg.secret_file)
+        connector = self._connector or make_connector(cfg.peers, float(cfg.peer_connect_timeout_seconds))
+        self._connector = connector
+        hook = getattr(connector, "metrics", None)
+        if hook is not None:
+            hook(self.metrics.registry)
+        self.manager = SessionManager(
+            cloudlet=cfg.cloudlet, secret=secret, metrics=self.metrics,
+            grace_seconds=float(cfg.grace_seconds), buffer_bytes=int(cfg.buffer_bytes),
+            max_sessions=int(cfg.max_sessions), header_timeout=float(cfg.header_timeout_seconds),
+            credential_lifetime=float(cfg.credential_lifetime_seconds),
+            backend_connect_timeout=float(cfg.backend_connect_timeout_seconds), connector=connector,
+        )
+        start = getattr(connector, "start", None)
+        if start is not None:
+            await start()
+        loop = asyncio.get_running_loop()
+        host, port = parse_hostport(cfg.peer_listen, "peer_listen")
+        m = self.manager
+        self.peer_server = await loop.create_server(lambda: ServerConnection(m, None), host, port,
+                                                    reuse_address=True, backlog=1024)
+        self.peer_address = self.peer_server.sockets[0].getsockname()[:2]
+        await self._start_control()
+        if cfg.metrics_listen:
+            await self._start_metrics()
+        await self._restore_services()
+        event(log, logging.INFO, "sessiond started", cloudlet=cfg.cloudlet, peer_listen=self.peer_address,
+              control_socket=cfg.control_socket, metrics_listen=self.metrics_address,
+              services=len(m.services), peers=sorted(cfg.peers))
+
+    async def stop(self) -> None:
+        if self.manager is not None:
+            for entry in list(self.manager.services.values()):
+                if entry.server is not None:
+                    entry.server.close()
+            self.manager.end_all()
+        if self.peer_server is not None:
+            self.peer_server.close()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        if self._connector is not None:
+            await self._connector.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.control_socket)
+        self.stopped.set()
+        event(log, logging.INFO, "sessiond stopped", cloudlet=self.config.cloudlet)
+
+    # -- services ----------------------------------------------------------------------------
+    async def put_service(self, name: str, backend: Any, port: Any = 0, listen: Any = "0.0.0.0") -> tuple[ServiceEntry, bool]:
+        """Add or change a service; returns ``(entry, changed)``. Raises ``ApiError``."""
+        m = self.manager
+        assert m is not None
+        if not NAME_RE.match(name):
+            raise ApiError(400, "bad_request", f"service name {name!r} must match {NAME_RE.pattern}")
+        backend = _validate_backend(backend)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise ApiError(400, "bad_request", "port must be an integer 0..65535 (0 = any free port)")
+        if not isinstance(listen, str) or not listen:
+            raise ApiError(400, "bad_request", "listen must be an address string such as 0.0.0.0")
+        async with self._lock:
+            old = m.services.get(name)
+            if old is not None and old.listen == listen and (port == 0 or port == old.port):
+                changed = old.backend != backend
+                old.backend = backend  # new sessions use the new backend; live ones keep theirs
+                if changed:
+                    self._save()
+                    event(log, logging.INFO, "service backend changed", service=name, backend=backend)
+                return old, changed
+            entry = ServiceEntry(name, port, listen, backend)
+            loop = asyncio.get_running_loop()
+            try:
+                entry.server = await loop.create_server(lambda: ServerConnection(m, entry), listen, port,
+                                                        reuse_address=True, backlog=1024)
+            except OSError as exc:
+                raise ApiError(409, "port_unavailable", f"cannot listen on {listen}:{port}: {exc.strerror or exc}") from None
+            entry.port = entry.server.sockets[0].getsockname()[1]
+            m.services[name] = entry
+            if old is not None:  # port or address changed: old listener goes, live sessions move to the new entry
+                old.server.close()
+                for s in m.sessions.values():
+                    if s.service is old:
+                        s.service = entry
+                for f in m.forwards:
+                    if f.service is old:
+                        f.service = entry
+            self._save()
+            event(log, logging.INFO, "service listening", service=name, listen=listen, port=entry.port, backend=backend)
+            return entry, True
+
+    async def delete_service(self, name: str) -> None:
+        m = self.manager
+        assert m is not None
+        async with self._lock:
+            entry = m.services.pop(name, None)
+            if entry is None:
+                raise ApiError(404, "not_found", f"no service {name!r}")
+            entry.server.close()
+            m.end_service(entry)
+            self._save()
+            event(log, logging.INFO, "service removed", service=name)
+
+    def _save(self) -> None:
+        assert self.manager is not None
+        path = self.services_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"services": [{"name": e.name, "port": e.port, "listen": e.listen, "backend": e.backend}
+                             for e in self.manager.services.values()]}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    async def _restore_services(self) -> None:
+        path = self.services_file
+        if not path.exists():
+            return
+        try:
+            items = json.loads(path.read_text())["services"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            event(log, logging.ERROR, "cannot read saved services; starting without them", path=str(path), error=str(exc))
+            return
+        for item in items:
+            try:
+                await self.put_service(item["name"], item["backend"], int(item["port"]), item.get("listen", "0.0.0.0"))
+            except (ApiError, KeyError, TypeError, ValueError) as exc:
+                event(log, logging.ERROR, "cannot restore service", service=item.get("name") if isinstance(item, dict) else None,
+                      error=str(exc))
+
+    def service_json(self, entry: ServiceEntry) -> dict[str, Any]:
+        assert self.manager is not None
+        return entry.to_json(self.manager.service_sessions(entry))
+
+    # -- control API -------------------------------------------------------------------------
+    async def _start_control(self) -> None:
+        app = web.Application(middlewares=[_error_middleware], client_max_size=64 * 1024)
+        app.add_routes([
+            web.get("/v1/health", self._h_health),
+            web.get("/v1/services", self._h_services),
+            web.get("/v1/services/{name}", self._h_service_get),
+            web.put("/v1/services/{name}", self._h_service_put),
+            web.delete("/v1/services/{name}", self._h_service_delete),
+            web.get("/v1/sessions", self._h_sessions),
+            web.delete("/v1/sessions/{key}", self._h_session_delete),
+            web.get("/v1/peers", self._h_peers),
+            web.get("/metrics", self._h_metrics),
+        ])
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        path = Path(self.config.control_socket)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        site = web.UnixSite(runner, str(path))
+        await site.start()
+        os.chmod(path, 0o660)
+        self._runners.append(runner)
+
+    async def _start_metrics(self) -> None:
+        app = web.Application()
+        app.add_routes([web.get("/metrics", self._h_metrics)])
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host, port = parse_hostport(self.config.metrics_listen, "metrics_listen")
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the bound port
+        if server is not None and server.sockets:  # type: ignore[union-attr]
+            self.metrics_address = server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
+        self._runners.append(runner)
+
+    async def _h_health(self, request: web.Request) -> web.Response:
+        m = self.manager
+        assert m is not None
+        return web.json_response({
+            "status": "ok", "cloudlet": self.config.cloudlet, "services": len(m.services), "sessions": m.live_count(),
+            "peer_listen": _fmt(self.peer_address), "metrics_listen": _fmt(self.metrics_address),
+        })
+
+    async def _h_services(self, request: web.Request) -> web.Response:
+        assert self.manager is not None
+        return web.json_response({"services": [self.service_json(e) for e in self.manager.services.values()]})
+
+    async def _h_service_get(self, request: web.Request) -> web.Response:
+        assert self.manager is not None
+        entry = self.manager.services.get(request.match_info["name"])
+        if entry is None:
+            raise ApiError(404, "not_found", f"no service {request.match_info['name']!r}")
+        return web.json_response(self.service_json(entry))
+
+    async def _h_service_put(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "bad_request", "body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_request", "body must be a JSON object")
+        unknown = set(body) - {"backend", "port", "listen"}
+        if unknown:
+            raise ApiError(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+        if "backend" not in body:
+            raise ApiError(400, "bad_request", "backend is required")
+        entry, _ = await self.put_service(request.match_info["name"], body["backend"], body.get("port", 0),
+                                          body.get("listen", "0.0.0.0"))
+        return web.json_response(self.service_json(entry))
+
+    async def _h_service_delete(self, request: web.Request) -> web.Response:
+        await self.delete_service(request.match_info["name"])
+        return web.Response(status=204)
+
+    async def _h_sessions(self, request: web.Request) -> web.Response:
+        assert self.manager is not None
+        return web.json_response({"sessions": self.manager.list_sessions(request.query.get("service"))})
+
+    async def _h_session_delete(self, request: web.Request) -> web.Response:
+        m = self.manager
+        assert m is not None
+        key = request.match_info["key"]
+        if key.startswith(credentials.VERSION + "."):
+            try:
+                cred = credentials.parse(m.secret, key)
+            except credentials.CredentialError as exc:
+                raise ApiError(400, "bad_request", str(exc)) from None
+            if not m.end_credential(cred, "ended_by_api"):
+                raise ApiError(404, "not_found", "no live session for this credential (it is now retired)")
+        elif not m.end_id(key, "ended_by_api"):
+            raise ApiError(404, "not_found", f"no live session {key!r}")
+        return web.Response(status=204)
+
+    async def _h_peers(self, request: web.Request) -> web.Response:
+        status = getattr(self._connector, "status", None)
+        return web.json_response({"peers": status() if status is not None else []})
+
+    async def _h_metrics(self, request: web.Request) -> web.Response:
+        assert self.manager is not None
+        self.manager.collect()
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _fmt(addr: tuple[str, int] | None) -> str | None:
+    return None if addr is None else f"{addr[0]}:{addr[1]}"
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return web.json_response({"error": {"code": exc.code, "message": exc.message}}, status=exc.status)
+    except web.HTTPException as exc:
+        code = {404: "not_found", 405: "bad_request", 413: "bad_request"}.get(exc.status, "bad_request")
+        return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status if exc.status < 500 else 500)
+    except Exception as exc:
+        log.exception("control API error")
+        return web.json_response({"error": {"code": "internal", "message": type(exc).__name__}}, status=500)
+
+
+# -- command line ----------------------------------------------------------------------------
+def use_fast_loop(choice: str = "auto") -> None:
+    """Install uvloop's event loop policy when asked for (``auto``: if it is installed)."""
+    if choice == "asyncio":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("--loop uvloop: uvloop is not installed (pip install 'cloudlet[uvloop]')") from None
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def raise_nofile_limit(want: int = 1 << 20) -> int:
+    """Raise RLIMIT_NOFILE as far as allowed (each session holds two sockets)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), max(hard, target)))
+            return max(soft, target)
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+async def serve(config: SessiondConfig, ready_fd: int | None = None) -> None:
+    daemon = Sessiond(config)
+    await daemon.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready_fd is not None:
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+    notify = os.environ.get("NOTIFY_SOCKET")
+    if notify:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect("\0" + notify[1:] if notify.startswith("@") else notify)
+            s.send(b"READY=1")
+    await stop.wait()
+    await daemon.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = SessiondConfig.load(args.config)
+    except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:
+        print(f"cloudlet sessiond: bad config {args.config}: {exc}", flush=True)
+        return 2
+    setup_logging(args.log_level or config.log_level, args.log_format or config.log_format)
+    raise_nofile_limit()
+    use_fast_loop(args.loop)
+    try:
+        asyncio.run(serve(config))
+    except (OSError, ValueError) as exc:
+        event(log, logging.ERROR, "sessiond failed to start", error=str(exc))
+        return 1
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "sessiond",
+        help="run the session daemon (service ports, peer endpoint, control API, metrics)",
+        description="Run the Session Service of this cloudlet: one port per service relaying to its backend, "
+        "sessions that survive disconnects (grace period, resume, takeover), forwarding to peer cloudlets, "
+        "a control API on a Unix socket and Prometheus metrics. See docs/sessiond.md.",
+    )
+    p.add_argument("--config", required=True, help="TOML config file (see docs/sessiond.md)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override the config's log_level")
+    p.add_argument("--log-format", choices=["json", "text"], help="override the config's log_format")
+    p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="event loop: uvloop if installed (auto, the default), or plain asyncio")
+    p.set_defaults(func=run)
