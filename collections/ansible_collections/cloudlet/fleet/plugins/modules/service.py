@@ -284,19 +284,18 @@ class ServiceTask:
             if not self.module.params["recreate"]:
                 self.conflict(current, desired, differences)
                 return
-        self.result["changed"] = True
         self.set_diff(before, desired)
         if self.module.check_mode:
-            predicted = dict(desired, name=self.name, state=None, session_port=None)
-            self.result["service"] = predicted
+            self.result["changed"] = True
+            self.result["service"] = dict(desired, name=self.name, state=None, session_port=None)
             return
         if current is not None:
-            self.client.delete_service(self.name)
+            # recreate: from here on the old service is gone, even if the new one fails to start.
+            self.result["changed"] = self.client.delete_service(self.name)
         created, service = self.client.put_service(self.name, desired)
         self.result["service"] = service
-        if not created and current is None:
-            # Someone else created the same spec between our GET and PUT: nothing changed by us.
-            self.result["changed"] = False
+        # Not created: someone else created the same spec between our GET and PUT.
+        self.result["changed"] = self.result["changed"] or created
 
     def conflict(self, current: dict[str, t.Any], desired: dict[str, t.Any], differences: list[str]) -> None:
         """A different spec: let the controller say why (409), or predict it in check mode."""
