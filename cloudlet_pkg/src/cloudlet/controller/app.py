@@ -1,0 +1,227 @@
+"""The controller's HTTP JSON API (aiohttp). Reference: docs/api.md.
+
+Every request except ``GET /v1/health`` and ``GET /metrics`` needs ``Authorization: Bearer <token>``
+with the token from ``token_file``. Errors are ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cloudlet.controller.config import ControllerConfig
+from cloudlet.controller.metrics import ControllerMetrics
+from cloudlet.controller.runtime.base import Instance, RuntimeFailure, ServiceSpec, SpecError
+from cloudlet.controller.service import ControllerError, ServiceManager
+from cloudlet.controller.sessiond_client import SessiondError, SessiondUnavailable
+from cloudlet.logs import event
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+PUBLIC = {("GET", "/v1/health"), ("GET", "/metrics")}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MANAGER: web.AppKey[ServiceManager] = web.AppKey("manager", ServiceManager)
+METRICS: web.AppKey[ControllerMetrics] = web.AppKey("metrics", ControllerMetrics)
+TOKEN: web.AppKey[str] = web.AppKey("token", str)
+CONFIG: web.AppKey[ControllerConfig] = web.AppKey("config", ControllerConfig)
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="cloudlet"'} if status == 401 else None
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+def service_json(inst: Instance, config: ControllerConfig, runtime: str) -> dict[str, Any]:
+    spec = inst.spec.to_json()
+    return {
+        "name": inst.name,
+        "image": spec["image"],
+        "port": spec["port"],
+        "env": spec["env"],
+        "limits": spec["limits"],
+        "state": inst.state,
+        "session_port": inst.session_port,
+        "session_host": config.session_host,
+        "cloudlet": config.cloudlet,
+        "runtime": runtime,
+        "backend": inst.backend,
+        "created": datetime.fromtimestamp(inst.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    status = 500
+    try:
+        if (request.method, request.path) not in PUBLIC:
+            header = request.headers.get("Authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not given:
+                raise ControllerError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
+            if not hmac.compare_digest(given.strip().encode(), request.app[TOKEN].encode()):
+                raise ControllerError(401, "unauthorized", "wrong bearer token")
+        response = await handler(request)
+        status = response.status
+        return response
+    except ControllerError as exc:
+        status = exc.status
+        return error_response(exc.status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status == 404:
+            return error_response(404, "not_found", f"no such endpoint: {request.method} {request.path}")
+        if exc.status == 405:
+            return error_response(405, "bad_request", f"method {request.method} not allowed on {request.path}")
+        if exc.status == 413:
+            return error_response(413, "bad_request", f"request body larger than {MAX_BODY} bytes")
+        return error_response(exc.status, "bad_request", exc.reason)
+    except (SessiondUnavailable, SessiondError) as exc:
+        status = 503
+        return error_response(503, "sessiond_unavailable", f"local sessiond: {exc}")
+    except RuntimeFailure as exc:
+        status = exc.status
+        return error_response(exc.status, exc.code, str(exc))
+    except asyncio.CancelledError:
+        status = 499
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad request must not take the daemon down
+        log.exception("request failed")
+        return error_response(500, "internal", f"internal error: {type(exc).__name__}: {exc}")
+    finally:
+        metrics.requests.labels(request.method, route, str(status)).inc()
+
+
+async def _json_body(request: web.Request) -> Any:
+    if not request.can_read_body:
+        raise ControllerError(400, "bad_request", "request body required (JSON object)")
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ControllerError(400, "bad_request", f"request body is not valid JSON: {exc}") from exc
+
+
+async def health(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(manager.runtime.ping(), 5)
+        checks["runtime"] = "ok"
+    except (RuntimeFailure, asyncio.TimeoutError) as exc:
+        checks["runtime"] = f"error: {exc}"
+    try:
+        await asyncio.wait_for(manager.sessiond.health(), 5)
+        checks["sessiond"] = "ok"
+    except (SessiondUnavailable, SessiondError, asyncio.TimeoutError) as exc:
+        checks["sessiond"] = f"error: {exc}"
+    ok = all(v == "ok" for v in checks.values())
+    return web.json_response({
+        "status": "ok" if ok else "degraded",
+        "cloudlet": manager.config.cloudlet,
+        "runtime": manager.runtime.name,
+        "checks": checks,
+        "last_reconcile": manager.last_reconcile,
+        "last_reconcile_error": manager.last_reconcile_error,
+    })
+
+
+async def list_services(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    items = [service_json(i, manager.config, manager.runtime.name) for i in await manager.list()]
+    return web.json_response({"services": items})
+
+
+async def get_service(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["name"]
+    inst = await manager.get(name)
+    if inst is None:
+        raise ControllerError(404, "not_found", f"no service {name} on cloudlet {manager.config.cloudlet}")
+    return web.json_response(service_json(inst, manager.config, manager.runtime.name))
+
+
+async def put_service(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["name"]
+    body = await _json_body(request)
+    try:
+        spec = ServiceSpec.from_request(name, body)
+    except SpecError as exc:
+        raise ControllerError(400, "bad_request", str(exc)) from exc
+    result = await manager.create(spec)
+    return web.json_response(
+        service_json(result.instance, manager.config, manager.runtime.name), status=201 if result.created else 200
+    )
+
+
+async def delete_service(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["name"]
+    if not await manager.delete(name):
+        raise ControllerError(404, "not_found", f"no service {name} on cloudlet {manager.config.cloudlet}")
+    return web.Response(status=204)
+
+
+async def create_session(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    cred, inst = await manager.issue_session(request.match_info["name"])
+    return web.json_response(
+        {
+            "session": cred.token,
+            "id": cred.session_id,
+            "service": inst.name,
+            "cloudlet": manager.config.cloudlet,
+            "host": manager.config.session_host,
+            "port": inst.session_port,
+            "issued": cred.issued,
+        },
+        status=201,
+    )
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    await request.app[MANAGER].end_session(request.match_info["credential"])
+    return web.Response(status=204)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+def build_app(manager: ServiceManager, token: str) -> web.Application:
+    if not token:
+        raise ValueError("the API token must not be empty")
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
+    app[MANAGER] = manager
+    app[METRICS] = manager.metrics
+    app[TOKEN] = token
+    app[CONFIG] = manager.config
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/services", list_services)
+    app.router.add_get("/v1/services/{name}", get_service)
+    app.router.add_put("/v1/services/{name}", put_service)
+    app.router.add_delete("/v1/services/{name}", delete_service)
+    app.router.add_post("/v1/services/{name}/sessions", create_session)
+    app.router.add_delete("/v1/sessions/{credential}", delete_session)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+def started_event(config: ControllerConfig) -> None:
+    event(log, logging.INFO, "controller listening", cloudlet=config.cloudlet, listen=config.listen,
+          runtime=config.runtime, at=time.time())

@@ -1,0 +1,41 @@
+"""Prometheus metrics of one controller (its own ``CollectorRegistry``, no global state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass
+class ControllerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "cloudlet_controller_requests_total", "API requests by route and HTTP status", ["method", "route", "status"],
+            registry=r,
+        )
+        self.launches = Counter(
+            "cloudlet_controller_launches_total",
+            "Service creations by result (created, unchanged, conflict, or an error code)", ["result"], registry=r,
+        )
+        self.launch_seconds = Histogram(
+            "cloudlet_controller_launch_seconds", "Time from create request to a registered, reachable service",
+            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60), registry=r,
+        )
+        self.deletes = Counter("cloudlet_controller_deletes_total", "Services deleted", registry=r)
+        self.sessions_issued = Counter("cloudlet_controller_sessions_issued_total", "Session credentials issued", registry=r)
+        self.services = Gauge("cloudlet_controller_services", "Services of this cloudlet by state", ["state"], registry=r)
+        self.reconciles = Counter(
+            "cloudlet_controller_reconciles_total", "Reconcile passes by result (ok, error)", ["result"], registry=r
+        )
+        self.repairs = Counter(
+            "cloudlet_controller_repairs_total",
+            "Repairs made by reconcile (registered, unregistered, restarted)", ["action"], registry=r,
+        )
+        for s in ("running", "starting", "failed"):
+            self.services.labels(s)
+        for res in ("ok", "error"):
+            self.reconciles.labels(res)

@@ -1,0 +1,27 @@
+"""Container runtimes behind one interface (``base.Runtime``): podman and kubernetes."""
+
+from cloudlet.controller.runtime.base import (
+    ImageNotFound,
+    Instance,
+    Limits,
+    PortTimeout,
+    Runtime,
+    RuntimeFailure,
+    RuntimeUnavailable,
+    ServiceFailed,
+    ServiceSpec,
+    SpecError,
+)
+
+__all__ = [
+    "ImageNotFound",
+    "Instance",
+    "Limits",
+    "PortTimeout",
+    "Runtime",
+    "RuntimeFailure",
+    "RuntimeUnavailable",
+    "ServiceFailed",
+    "ServiceSpec",
+    "SpecError",
+]

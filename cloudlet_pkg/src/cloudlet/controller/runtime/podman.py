@@ -1,0 +1,324 @@
+"""The podman runtime: the libpod REST API on podman's Unix socket, spoken with aiohttp.
+
+One container per service, named ``cloudlet-<cloudlet>-<service>`` (podman refuses a second
+container of that name, so no restart or race can make duplicates), on the cloudlet's own bridge
+network (``cloudlet-<cloudlet>`` unless configured), with resource limits and ulimits in the create
+request and every fact the controller needs in labels. The backend address the session daemon
+relays to is the container's IP on that network plus the container port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+import time
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from cloudlet.controller.runtime.base import (
+    LABEL_CLOUDLET,
+    LABEL_SERVICE,
+    LABEL_SESSION_PORT,
+    LABEL_SPEC,
+    LABEL_CREATED,
+    ImageNotFound,
+    Instance,
+    PortTimeout,
+    RuntimeFailure,
+    RuntimeUnavailable,
+    ServiceFailed,
+    ServiceSpec,
+    SpecError,
+    labels_for,
+)
+from cloudlet.logs import event
+
+log = logging.getLogger(__name__)
+
+API = "/v4.0.0/libpod"
+ULIMITS = (("nofile", 1024, 1024), ("nproc", 4096, 4096))
+CPU_PERIOD_US = 100_000
+
+
+class PodmanError(RuntimeFailure):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"podman API answered {status}: {message}")
+        self.http_status = status
+        self.api_message = message
+
+
+class PodmanRuntime:
+    """``Runtime`` for podman (libpod REST API >= 4.0)."""
+
+    name = "podman"
+
+    def __init__(
+        self,
+        cloudlet: str,
+        socket_path: str,
+        network: str | None = None,
+        request_timeout: float = 60.0,
+    ) -> None:
+        self.cloudlet = cloudlet
+        self.socket_path = socket_path
+        self.network = network or f"cloudlet-{cloudlet}"
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._network_ready = False
+
+    # -- HTTP plumbing -------------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=self.socket_path), timeout=self._timeout
+            )
+        return self._session
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        ok: tuple[int, ...] = (200, 201, 204),
+        raw: bool = False,
+    ) -> tuple[int, Any]:
+        url = URL(f"http://podman{API}{path}", encoded=True)
+        if params:
+            url = url.with_query(params)
+        try:
+            async with self._http().request(method, url, json=body) as resp:
+                data = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise RuntimeUnavailable(f"podman API at {self.socket_path} unreachable: {exc}") from exc
+        except asyncio.TimeoutError as exc:
+            raise RuntimeUnavailable(f"podman API at {self.socket_path} timed out") from exc
+        if status not in ok:
+            try:
+                message = json.loads(data).get("message") or data.decode(errors="replace")
+            except (ValueError, AttributeError):
+                message = data.decode(errors="replace")
+            raise PodmanError(status, str(message).strip())
+        if raw:
+            return status, data
+        if not data:
+            return status, None
+        try:
+            return status, json.loads(data)
+        except ValueError:
+            return status, data.decode(errors="replace")
+
+    def container_name(self, service: str) -> str:
+        return f"cloudlet-{self.cloudlet}-{service}"
+
+    # -- Runtime interface ---------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._request("GET", "/_ping")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def ensure_network(self) -> None:
+        if self._network_ready:
+            return
+        path = f"/networks/{quote(self.network, safe='')}/exists"
+        status, _ = await self._request("GET", path, ok=(204, 404))
+        if status == 404:
+            try:
+                await self._request("POST", "/networks/create", body={"name": self.network, "driver": "bridge"})
+                event(log, logging.INFO, "podman network created", network=self.network)
+            except PodmanError as exc:
+                if exc.http_status != 409:  # created concurrently: fine
+                    raise
+        self._network_ready = True
+
+    async def image_exists(self, image: str) -> bool:
+        status, _ = await self._request("GET", f"/images/{quote(image, safe='')}/exists", ok=(204, 404))
+        return status == 204
+
+    def create_body(self, spec: ServiceSpec, session_port: int, created: float) -> dict[str, Any]:
+        labels = labels_for(spec, self.cloudlet, session_port, created)
+        labels[LABEL_SPEC] = spec.canonical()
+        body: dict[str, Any] = {
+            "name": self.container_name(spec.name),
+            "image": spec.image,
+            "env": spec.env_dict,
+            "labels": labels,
+            "hostname": spec.name,
+            "netns": {"nsmode": "bridge"},
+            "Networks": {self.network: {}},
+            "r_limits": [{"type": t, "soft": soft, "hard": hard} for t, soft, hard in ULIMITS],
+            "stop_timeout": 5,
+        }
+        limits: dict[str, Any] = {}
+        if spec.limits.cpus is not None:
+            limits["cpu"] = {"quota": int(spec.limits.cpus * CPU_PERIOD_US), "period": CPU_PERIOD_US}
+        if spec.limits.memory_mb is not None:
+            limits["memory"] = {"limit": spec.limits.memory_mb * 1024 * 1024}
+        if limits:
+            body["resource_limits"] = limits
+        return body
+
+    async def create(self, spec: ServiceSpec, session_port: int, ready_timeout: float) -> Instance:
+        await self.ensure_network()
+        if not await self.image_exists(spec.image):
+            raise ImageNotFound(
+                f"image {spec.image!r} not found in local podman storage (no registry is used; "
+                "build or load it first, e.g. `cloudlet image build-demo`)"
+            )
+        created = float(int(time.time()))
+        name = self.container_name(spec.name)
+        try:
+            _, info = await self._request("POST", "/containers/create", body=self.create_body(spec, session_port, created))
+        except PodmanError as exc:
+            if "image not known" in exc.api_message:
+                raise ImageNotFound(f"image {spec.image!r} not found in local podman storage") from exc
+            raise
+        container_id = str(info.get("Id", name)) if isinstance(info, dict) else name
+        event(log, logging.INFO, "container created", service=spec.name, container=container_id[:12])
+        try:
+            await self._request("POST", f"/containers/{container_id}/start", ok=(204, 304))
+            return await self._wait_ready(container_id, spec, session_port, created, ready_timeout)
+        except BaseException:
+            await self._remove(container_id)
+            raise
+
+    async def _wait_ready(
+        self, container_id: str, spec: ServiceSpec, session_port: int, created: float, timeout: float
+    ) -> Instance:
+        deadline = time.monotonic() + timeout
+        info = await self._inspect(container_id)
+        ip = self._ip(info)
+        delay = 0.005
+        next_check = time.monotonic() + 0.5
+        while True:
+            if ip:
+                try:
+                    _, writer = await asyncio.wait_for(asyncio.open_connection(ip, spec.port), timeout=1.0)
+                    writer.close()
+                    try:
+                        await writer.wait_closed()
+                    except OSError:
+                        pass
+                    return Instance(spec, session_port, "running", f"{ip}:{spec.port}", created, container_id)
+                except (OSError, asyncio.TimeoutError):
+                    pass
+            now = time.monotonic()
+            if now >= deadline:
+                raise PortTimeout(
+                    f"service {spec.name}: container port {spec.port} did not accept connections within "
+                    f"{timeout:g} s; the container was removed"
+                )
+            if now >= next_check or not ip:
+                next_check = now + 0.5
+                info = await self._inspect(container_id)
+                ip = self._ip(info)
+                state = (info.get("State") or {}) if info else {}
+                if not state.get("Running", False):
+                    logs = await self._logs(container_id)
+                    raise ServiceFailed(
+                        f"service {spec.name}: container exited (code {state.get('ExitCode')}) before port "
+                        f"{spec.port} opened; the container was removed. Last output: {logs or '(none)'}"
+                    )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    async def _inspect(self, container_id: str) -> dict[str, Any]:
+        _, info = await self._request("GET", f"/containers/{container_id}/json")
+        return info if isinstance(info, dict) else {}
+
+    def _ip(self, info: dict[str, Any]) -> str | None:
+        networks = ((info.get("NetworkSettings") or {}).get("Networks")) or {}
+        net = networks.get(self.network) or {}
+        ip = net.get("IPAddress")
+        return str(ip) if ip else None
+
+    async def _logs(self, container_id: str, tail: int = 5) -> str:
+        try:
+            _, data = await self._request(
+                "GET", f"/containers/{container_id}/logs",
+                params={"stdout": "true", "stderr": "true", "tail": str(tail)}, raw=True,
+            )
+        except RuntimeFailure:
+            return ""
+        return _demux(data)[-500:].strip()
+
+    async def _remove(self, ref: str) -> bool:
+        try:
+            status, _ = await self._request(
+                "DELETE", f"/containers/{ref}", params={"force": "true", "v": "true", "timeout": "0"},
+                ok=(200, 204, 404),
+            )
+        except RuntimeFailure as exc:
+            event(log, logging.ERROR, "container removal failed", container=ref, error=str(exc))
+            raise
+        return status != 404
+
+    async def delete(self, name: str) -> bool:
+        removed = await self._remove(self.container_name(name))
+        if removed:
+            event(log, logging.INFO, "container removed", service=name)
+        return removed
+
+    async def list(self) -> list[Instance]:
+        filters = json.dumps({"label": [f"{LABEL_CLOUDLET}={self.cloudlet}"]})
+        _, items = await self._request("GET", "/containers/json", params={"all": "true", "filters": filters})
+        out: list[Instance] = []
+        for item in items or []:
+            labels = item.get("Labels") or {}
+            instance = await self._instance(item, labels)
+            if instance is not None:
+                out.append(instance)
+        return out
+
+    async def _instance(self, item: dict[str, Any], labels: dict[str, str]) -> Instance | None:
+        try:
+            spec = ServiceSpec.from_json(json.loads(labels[LABEL_SPEC]))
+            session_port = int(labels[LABEL_SESSION_PORT])
+            created = float(labels.get(LABEL_CREATED, "0"))
+        except (KeyError, ValueError, SpecError, TypeError) as exc:
+            event(log, logging.WARNING, "container with unreadable cloudlet labels ignored",
+                  container=str(item.get("Id", ""))[:12], error=str(exc))
+            return None
+        if labels.get(LABEL_SERVICE) != spec.name:
+            return None
+        running = item.get("State") == "running"
+        backend = None
+        if running:
+            try:
+                ip = self._ip(await self._inspect(item["Id"]))
+            except PodmanError:
+                ip = None  # removed between list and inspect
+            backend = f"{ip}:{spec.port}" if ip else None
+        state = "running" if running and backend else ("starting" if item.get("State") in ("created", "configured", "initialized") else "failed")
+        return Instance(spec, session_port, state, backend, created, str(item.get("Id", "")))
+
+    async def ensure_running(self, instance: Instance) -> Instance:
+        if instance.state == "running":
+            return instance
+        await self._request("POST", f"/containers/{instance.ref}/start", ok=(204, 304))
+        return await self._wait_ready(instance.ref, instance.spec, instance.session_port, instance.created, 30.0)
+
+
+def _demux(data: bytes) -> str:
+    """Decode podman's multiplexed log stream (8-byte frame headers) or plain text."""
+    out: list[bytes] = []
+    pos = 0
+    while pos + 8 <= len(data) and data[pos] in (0, 1, 2) and data[pos + 1 : pos + 4] == b"\0\0\0":
+        (size,) = struct.unpack(">I", data[pos + 4 : pos + 8])
+        out.append(data[pos + 8 : pos + 8 + size])
+        pos += 8 + size
+    if not out:
+        return data.decode(errors="replace")
+    return b"".join(out).decode(errors="replace")

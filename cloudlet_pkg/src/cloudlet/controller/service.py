@@ -1,0 +1,300 @@
+"""The controller's logic: create, delete and reconcile services across runtime and sessiond.
+
+The runtime's labels are the source of truth. Every create and delete holds a per-service lock; the
+periodic reconcile skips services with an operation in flight, registers running services that
+sessiond does not know (or knows with an old backend or port), removes sessiond registrations
+without a container, and starts containers that stopped (for example after a host reboot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cloudlet import credentials
+from cloudlet.controller.config import ControllerConfig
+from cloudlet.controller.metrics import ControllerMetrics
+from cloudlet.controller.runtime.base import Instance, Runtime, RuntimeFailure, ServiceSpec
+from cloudlet.controller.sessiond_client import SessiondClient, SessiondError, SessiondUnavailable
+from cloudlet.logs import event
+
+log = logging.getLogger(__name__)
+
+
+class ControllerError(Exception):
+    """An API-level error: HTTP ``status``, error ``code`` and a clear message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    instance: Instance
+    created: bool  # False: an identical service already existed
+
+
+class ServiceManager:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        runtime: Runtime,
+        sessiond: SessiondClient,
+        secret: bytes,
+        metrics: ControllerMetrics,
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.sessiond = sessiond
+        self.secret = secret
+        self.metrics = metrics
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._reserved_ports: set[int] = set()
+        self._port_lock = asyncio.Lock()
+        self._reconcile_task: asyncio.Task[None] | None = None
+        self._reconcile_lock = asyncio.Lock()
+        self.last_reconcile: float | None = None
+        self.last_reconcile_error: str | None = None
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    def _release_lock(self, name: str) -> None:
+        lock = self._locks.get(name)
+        if lock is not None and not lock.locked():
+            del self._locks[name]
+
+    async def _runtime_call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except RuntimeFailure as exc:
+            raise ControllerError(exc.status, exc.code, str(exc)) from exc
+
+    async def list(self) -> list[Instance]:
+        instances: list[Instance] = await self._runtime_call(self.runtime.list())
+        return sorted(instances, key=lambda i: i.name)
+
+    async def get(self, name: str) -> Instance | None:
+        for inst in await self.list():
+            if inst.name == name:
+                return inst
+        return None
+
+    def _port_free(self, port: int) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((self.config.session_listen if self.config.session_listen != "::" else "0.0.0.0", port))
+            except OSError:
+                return False
+        return True
+
+    async def _allocate_port(self, used: set[int]) -> int:
+        first, last = self.config.port_range
+        try:
+            registered = {s.port for s in (await self.sessiond.services()).values()}
+        except (SessiondUnavailable, SessiondError) as exc:
+            raise ControllerError(503, "sessiond_unavailable", f"local sessiond unavailable: {exc}") from exc
+        taken = used | registered | self._reserved_ports
+        for port in range(first, last + 1):
+            if port not in taken and self._port_free(port):
+                self._reserved_ports.add(port)
+                return port
+        raise ControllerError(
+            503, "no_free_port", f"no free session port in port_range [{first}, {last}]"
+        )
+
+    async def _register(self, inst: Instance) -> None:
+        if inst.backend is None:
+            raise ControllerError(502, "service_failed", f"service {inst.name} has no backend address")
+        await self.sessiond.put_service(inst.name, inst.backend, inst.session_port, self.config.session_listen)
+
+    # -- operations ----------------------------------------------------------------------------
+
+    async def create(self, spec: ServiceSpec) -> CreateResult:
+        start = time.monotonic()
+        lock = self._lock(spec.name)
+        try:
+            async with lock:
+                result = await self._create_locked(spec)
+        except ControllerError as exc:
+            self.metrics.launches.labels(exc.code).inc()
+            raise
+        finally:
+            self._release_lock(spec.name)
+        self.metrics.launches.labels("created" if result.created else "unchanged").inc()
+        if result.created:
+            self.metrics.launch_seconds.observe(time.monotonic() - start)
+        return result
+
+    async def _create_locked(self, spec: ServiceSpec) -> CreateResult:
+        instances = await self.list()
+        existing = next((i for i in instances if i.name == spec.name), None)
+        if existing is not None:
+            if existing.spec != spec:
+                raise ControllerError(
+                    409, "conflict",
+                    f"service {spec.name} exists with a different spec (image {existing.spec.image}, port "
+                    f"{existing.spec.port}); delete it first",
+                )
+            if existing.state != "running":
+                existing = await self._runtime_call(self.runtime.ensure_running(existing))
+            try:
+                await self._register(existing)
+            except (SessiondUnavailable, SessiondError) as exc:
+                raise ControllerError(503, "sessiond_unavailable", f"local sessiond: {exc}") from exc
+            return CreateResult(existing, created=False)
+        if len(instances) >= self.config.max_services:
+            raise ControllerError(409, "limit", f"cloudlet already runs max_services={self.config.max_services}")
+        async with self._port_lock:
+            port = await self._allocate_port({i.session_port for i in instances})
+        try:
+            inst = await self._runtime_call(
+                self.runtime.create(spec, port, self.config.ready_timeout_seconds)
+            )
+            try:
+                await self._register(inst)
+            except BaseException as exc:
+                # never leave a container without its session port, nor a half registration
+                await self._cleanup_after_failed_register(spec.name)
+                if isinstance(exc, (SessiondUnavailable, SessiondError)):
+                    raise ControllerError(
+                        503, "sessiond_unavailable",
+                        f"local sessiond refused or is unreachable ({exc}); the container was removed",
+                    ) from exc
+                raise
+        finally:
+            self._reserved_ports.discard(port)
+        event(log, logging.INFO, "service created", service=spec.name, image=spec.image,
+              session_port=port, backend=inst.backend)
+        return CreateResult(inst, created=True)
+
+    async def _cleanup_after_failed_register(self, name: str) -> None:
+        try:
+            await self.sessiond.delete_service(name)
+        except (SessiondUnavailable, SessiondError):
+            pass
+        try:
+            await self.runtime.delete(name)
+        except RuntimeFailure as exc:
+            event(log, logging.ERROR, "cleanup failed; reconcile will retry", service=name, error=str(exc))
+
+    async def delete(self, name: str) -> bool:
+        lock = self._lock(name)
+        try:
+            async with lock:
+                try:
+                    unregistered = await self.sessiond.delete_service(name)
+                except (SessiondUnavailable, SessiondError) as exc:
+                    event(log, logging.WARNING, "sessiond unreachable on delete; reconcile will unregister",
+                          service=name, error=str(exc))
+                    unregistered = False
+                removed = await self._runtime_call(self.runtime.delete(name))
+        finally:
+            self._release_lock(name)
+        if removed or unregistered:
+            self.metrics.deletes.inc()
+            event(log, logging.INFO, "service deleted", service=name)
+        return removed or unregistered
+
+    async def issue_session(self, name: str) -> tuple[credentials.Credential, Instance]:
+        inst = await self.get(name)
+        if inst is None:
+            raise ControllerError(404, "not_found", f"no service {name} on cloudlet {self.config.cloudlet}")
+        cred = credentials.issue(self.secret, name)
+        self.metrics.sessions_issued.inc()
+        return cred, inst
+
+    async def end_session(self, token: str) -> None:
+        try:
+            cred = credentials.parse(self.secret, token)
+        except credentials.CredentialError as exc:
+            raise ControllerError(400, "bad_request", f"not a session credential of this fleet: {exc}") from exc
+        try:
+            found = await self.sessiond.delete_session(cred.token)
+        except (SessiondUnavailable, SessiondError) as exc:
+            raise ControllerError(503, "sessiond_unavailable", f"local sessiond: {exc}") from exc
+        if not found:
+            raise ControllerError(404, "not_found", f"no live session {cred.session_id}")
+
+    # -- reconcile -----------------------------------------------------------------------------
+
+    async def reconcile(self) -> dict[str, int]:
+        """One pass: make sessiond serve exactly the runtime's services. Returns repair counts."""
+        async with self._reconcile_lock:
+            repairs = {"registered": 0, "unregistered": 0, "restarted": 0}
+            instances = await self.runtime.list()
+            registered = await self.sessiond.services()
+            busy = {name for name, lock in self._locks.items() if lock.locked()}
+            by_name = {i.name: i for i in instances}
+            for inst in instances:
+                if inst.name in busy:
+                    continue
+                if inst.state != "running":
+                    try:
+                        inst = await self.runtime.ensure_running(inst)
+                        repairs["restarted"] += 1
+                        event(log, logging.INFO, "stopped container started again", service=inst.name)
+                    except RuntimeFailure as exc:
+                        event(log, logging.WARNING, "service cannot be started", service=inst.name, error=str(exc))
+                        continue
+                reg = registered.get(inst.name)
+                if reg is None or reg.backend != inst.backend or reg.port != inst.session_port:
+                    await self._register(inst)
+                    repairs["registered"] += 1
+                    event(log, logging.INFO, "service registered with sessiond", service=inst.name,
+                          session_port=inst.session_port, backend=inst.backend)
+            for name in registered:
+                if name not in by_name and name not in busy:
+                    await self.sessiond.delete_service(name)
+                    repairs["unregistered"] += 1
+                    event(log, logging.INFO, "stale sessiond registration removed", service=name)
+            for state in ("running", "starting", "failed"):
+                self.metrics.services.labels(state).set(sum(1 for i in instances if i.state == state))
+            for action, n in repairs.items():
+                if n:
+                    self.metrics.repairs.labels(action).inc(n)
+            return repairs
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+                self.metrics.reconciles.labels("ok").inc()
+                self.last_reconcile, self.last_reconcile_error = time.time(), None
+            except asyncio.CancelledError:
+                raise
+            except (RuntimeFailure, SessiondUnavailable, SessiondError, ControllerError) as exc:
+                self.metrics.reconciles.labels("error").inc()
+                if self.last_reconcile_error != str(exc):
+                    event(log, logging.WARNING, "reconcile failed; will retry", error=str(exc))
+                self.last_reconcile_error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+                self.metrics.reconciles.labels("error").inc()
+                self.last_reconcile_error = str(exc)
+                log.exception("reconcile crashed; will retry")
+            await asyncio.sleep(self.config.reconcile_interval_seconds)
+
+    def start(self) -> None:
+        if self._reconcile_task is None:
+            self._reconcile_task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
+
+    async def stop(self) -> None:
+        if self._reconcile_task is not None:
+            self._reconcile_task.cancel()
+            try:
+                await self._reconcile_task
+            except asyncio.CancelledError:
+                pass
+            self._reconcile_task = None
