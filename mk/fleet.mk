@@ -1,0 +1,55 @@
+# The fleet rollout and the local fleet (docs/fleet.md, docs/demo.md).
+# Local fleet = three cloudlet hosts as podman containers with systemd and sshd (fleet/fleet.py).
+
+FLEET_PY := $(PY) fleet/fleet.py
+# Sources of the cloudlet wheel: the wheelhouse is rebuilt only when one of them changed, and with
+# a fixed SOURCE_DATE_EPOCH, so an unchanged tree gives a byte-identical wheel (idempotent rollout).
+WHEEL_SOURCES := $(shell find cloudlet_pkg/src -type f -not -path '*/__pycache__/*' -not -path '*.egg-info*' 2>/dev/null) cloudlet_pkg/pyproject.toml
+
+.PHONY: wheelhouse fleet-image fleet-up fleet-down fleet-status site launch demo demo-run demo-down \
+        test-fleet test-molecule lint-fleet
+
+wheelhouse: wheelhouse/.stamp ## build the wheelhouse the roles install from (cloudlet + deps)
+wheelhouse/.stamp: $(WHEEL_SOURCES)
+	@echo "== wheelhouse: pip wheel cloudlet_pkg and its dependencies"
+	@mkdir -p wheelhouse
+	@rm -f wheelhouse/cloudlet-*.whl
+	SOURCE_DATE_EPOCH=315532800 $(PY) -m pip wheel -q --disable-pip-version-check -w wheelhouse ./cloudlet_pkg
+	@touch $@
+
+fleet-image: ## build (or reuse) the local fleet's host image (debootstrap, cached in .cache/fleet)
+	$(FLEET_PY) image
+
+fleet-up: ## start the local fleet: hosts a, b, c on 10.213.0.0/24 with systemd and sshd
+	$(FLEET_PY) up
+
+fleet-down: ## remove the local fleet, its service containers and networks
+	$(FLEET_PY) down
+
+fleet-status: ## show the local fleet's hosts and their SSH reachability
+	$(FLEET_PY) status
+
+site: wheelhouse ## roll the fleet out: ansible-playbook site.yml (inventory/local unless INVENTORY=...)
+	ansible-playbook $(if $(INVENTORY),-i $(INVENTORY)) site.yml
+
+launch: ## launch the demo service on every cloudlet (playbooks/launch.yml)
+	ansible-playbook $(if $(INVENTORY),-i $(INVENTORY)) playbooks/launch.yml
+
+demo: ## on a fresh machine: deps, images, fleet, rollout, launch, then a handover A -> B -> C with a report
+	@bash fleet/demo.sh
+
+demo-down: ## remove everything `make demo` created
+	$(FLEET_PY) down
+
+lint-fleet: ## yamllint, ansible-lint (production profile), syntax and check mode of the playbooks
+	yamllint -s roles playbooks inventory molecule site.yml
+	ansible-lint --profile production roles playbooks site.yml
+	ansible-playbook --syntax-check site.yml playbooks/*.yml
+
+test-fleet: lint-fleet ## fleet tooling tests, role checks (lint, argument specs, check mode)
+	$(PY) -m pytest tests/fleet $(PYTEST_ARGS)
+
+test-molecule: wheelhouse ## molecule: three-host fleet, converge site.yml, idempotence, verify, destroy
+	cd molecule && molecule test --all
+
+TEST_TARGETS += test-fleet test-molecule
