@@ -111,3 +111,195 @@ def free_port() -> int:
 
 async def read_line(reader: asyncio.StreamReader, timeout: float = 10.0) -> str:
     return (await asyncio.wait_for(reader.readline(), timeout)).decode().rstrip("\n")
+
+
+# -- a real sessiond + controller pair, as subprocesses --------------------------------------------
+
+import json as _json
+import random
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import aiohttp
+
+
+async def _poll(check, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Await ``check()`` until it returns a truthy value (state changes we cannot subscribe to)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = await check()
+            if last:
+                return last
+        except (OSError, aiohttp.ClientError) as exc:
+            last = exc
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+@dataclass
+class Stack:
+    """A cloudlet on this machine: ``cloudlet sessiond`` and ``cloudlet controller`` processes."""
+
+    dir: Path
+    cloudlet: str
+    podman_socket: str
+    ready_timeout: float = 20.0
+    reconcile_interval: float = 0.5
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    sessiond_proc: subprocess.Popen[bytes] | None = None
+    controller_proc: subprocess.Popen[bytes] | None = None
+    controller_url: str = ""
+    port_base: int = field(default_factory=lambda: random.randrange(20000, 30000, 50))
+    _http: aiohttp.ClientSession | None = None
+
+    def __post_init__(self) -> None:
+        (self.dir / "fleet.secret").write_text(secrets.token_hex(32))
+        (self.dir / "token").write_text(self.token + "\n")
+        self.sessiond_socket = str(self.dir / "sessiond.sock")
+        (self.dir / "sessiond.toml").write_text(
+            "[sessiond]\n"
+            f'cloudlet = "{self.cloudlet}"\n'
+            f'secret_file = "{self.dir / "fleet.secret"}"\n'
+            f'control_socket = "{self.sessiond_socket}"\n'
+            f'state_dir = "{self.dir / "sessiond-state"}"\n'
+            'peer_listen = "127.0.0.1:0"\n'
+            'metrics_listen = ""\n'
+            "grace_seconds = 30\n"
+        )
+        self.write_controller_config()
+
+    def write_controller_config(self, podman_socket: str | None = None) -> None:
+        (self.dir / "controller.toml").write_text(
+            "[controller]\n"
+            f'cloudlet = "{self.cloudlet}"\n'
+            'listen = "127.0.0.1:0"\n'
+            f'token_file = "{self.dir / "token"}"\n'
+            f'secret_file = "{self.dir / "fleet.secret"}"\n'
+            'runtime = "podman"\n'
+            f'sessiond_socket = "{self.sessiond_socket}"\n'
+            'session_host = "127.0.0.1"\n'
+            'session_listen = "127.0.0.1"\n'
+            f"port_range = [{self.port_base}, {self.port_base + 49}]\n"
+            f"ready_timeout_seconds = {self.ready_timeout}\n"
+            f"reconcile_interval_seconds = {self.reconcile_interval}\n"
+            "[podman]\n"
+            f'socket = "{podman_socket or self.podman_socket}"\n'
+        )
+
+    # -- processes ------------------------------------------------------------------------------
+
+    async def start_sessiond(self) -> None:
+        log = open(self.dir / "sessiond.log", "ab")
+        self.sessiond_proc = subprocess.Popen(
+            [sys.executable, "-m", "cloudlet", "sessiond", "--config", str(self.dir / "sessiond.toml"),
+             "--loop", "asyncio"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        await _poll(self._sessiond_up, 30, "sessiond control socket")
+
+    async def _sessiond_up(self) -> bool:
+        assert self.sessiond_proc is not None
+        if self.sessiond_proc.poll() is not None:
+            raise AssertionError(f"sessiond exited: {(self.dir / 'sessiond.log').read_text()[-2000:]}")
+        status, _ = await self.sessiond("GET", "/v1/health")
+        return status == 200
+
+    async def start_controller(self) -> None:
+        logpath = self.dir / "controller.log"
+        offset = logpath.stat().st_size if logpath.exists() else 0
+        log = open(logpath, "ab")
+        self.controller_proc = subprocess.Popen(
+            [sys.executable, "-m", "cloudlet", "controller", "--config", str(self.dir / "controller.toml")],
+            stdout=log, stderr=subprocess.STDOUT, env=podman_env(),
+        )
+        log.close()
+
+        async def listening() -> str | None:
+            assert self.controller_proc is not None
+            if self.controller_proc.poll() is not None:
+                raise AssertionError(f"controller exited: {logpath.read_text()[-2000:]}")
+            with open(logpath, "rb") as f:
+                f.seek(offset)
+                for line in f:
+                    try:
+                        rec = _json.loads(line)
+                    except ValueError:
+                        continue
+                    if rec.get("msg") == "controller listening":
+                        return str(rec["address"])
+            return None
+
+        address = await _poll(listening, 30, "controller to listen")
+        self.controller_url = f"http://{address}"
+
+    def _stop(self, proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill_controller(self, sig: int = signal.SIGKILL) -> None:
+        self._stop(self.controller_proc, sig)
+
+    def kill_sessiond(self, sig: int = signal.SIGKILL) -> None:
+        self._stop(self.sessiond_proc, sig)
+
+    async def close(self) -> None:
+        self.kill_controller(signal.SIGTERM)
+        self.kill_sessiond(signal.SIGTERM)
+        if self._http is not None:
+            await self._http.close()
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    async def api(self, method: str, path: str, body: object = None, token: str | None = "default",
+                  raw: bytes | None = None) -> tuple[int, object]:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {self.token if token == 'default' else token}"
+        kwargs: dict[str, object] = {"headers": headers}
+        if raw is not None:
+            kwargs["data"] = raw
+            headers["Content-Type"] = "application/json"
+        elif body is not None:
+            kwargs["json"] = body
+        async with self._http.request(method, self.controller_url + path, **kwargs) as resp:
+            data = await resp.read()
+            ctype = resp.headers.get("Content-Type", "")
+            return resp.status, (_json.loads(data) if data and "json" in ctype else data.decode())
+
+    async def sessiond(self, method: str, path: str) -> tuple[int, object]:
+        conn = aiohttp.UnixConnector(path=self.sessiond_socket)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with http.request(method, "http://sessiond" + path) as resp:
+                data = await resp.read()
+                return resp.status, (_json.loads(data) if data else None)
+
+    async def registered(self) -> dict[str, dict[str, object]]:
+        status, body = await self.sessiond("GET", "/v1/services")
+        assert status == 200, body
+        return {s["name"]: s for s in body["services"]}  # type: ignore[index]
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, podman_socket: str, demo_image: str, cloudlet_name: str):  # type: ignore[no-untyped-def]
+    s = Stack(tmp_path, cloudlet_name, podman_socket)
+    try:
+        await s.start_sessiond()
+        await s.start_controller()
+        yield s
+    finally:
+        await s.close()
+
+
+poll = _poll

@@ -132,14 +132,15 @@ def from_dict(data: dict[str, Any]) -> ControllerConfig:
     if values["runtime"] not in ("podman", "kubernetes"):
         raise ConfigError(f"controller.runtime must be \"podman\" or \"kubernetes\", got {values['runtime']!r}")
     split_host_port(values["listen"], "controller.listen")
+    pd, kd = PodmanConfig(), KubernetesConfig()
     values["podman"] = PodmanConfig(
-        socket=_typed(p, "podman", "socket", str, PodmanConfig.socket),
-        network=_typed(p, "podman", "network", str, PodmanConfig.network),
+        socket=_typed(p, "podman", "socket", str, pd.socket),
+        network=_typed(p, "podman", "network", str, pd.network),
     )
     values["kubernetes"] = KubernetesConfig(
-        kubeconfig=_typed(k, "kubernetes", "kubeconfig", str, KubernetesConfig.kubeconfig),
-        namespace=_typed(k, "kubernetes", "namespace", str, KubernetesConfig.namespace),
-        context=_typed(k, "kubernetes", "context", str, KubernetesConfig.context),
+        kubeconfig=_typed(k, "kubernetes", "kubeconfig", str, kd.kubeconfig),
+        namespace=_typed(k, "kubernetes", "namespace", str, kd.namespace),
+        context=_typed(k, "kubernetes", "context", str, kd.context),
     )
     return ControllerConfig(**values)
 
