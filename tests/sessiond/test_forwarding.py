@@ -1,0 +1,202 @@
+"""Handover by forwarding: B and C relay to the anchor A over the hop; the path stays one hop."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+
+import pytest
+
+from cloudlet.client import SessionClient, SessionRefused
+from cloudlet.protocol import Status, encode_header, read_reply
+
+from sessiond_helpers import Backend, issue, peer_addr, wait_for
+
+
+async def fleet(make_sessiond, backend: Backend, names=("a", "b", "c")):  # type: ignore[no-untyped-def]
+    """Start one sessiond per name, each with every other as a tcp peer, and the service on all."""
+    daemons = {}
+    for n in names:
+        daemons[n] = await make_sessiond(n)
+    for n, d in daemons.items():
+        peers = {o: {"transport": "tcp", "address": peer_addr(od)} for o, od in daemons.items() if o != n}
+        from cloudlet.hop import make_connector
+
+        d.manager.connector = make_connector(peers, 2.0)
+    ports = {}
+    for n, d in daemons.items():
+        entry, _ = await d.put_service("svc", backend.address)
+        ports[n] = entry.port
+    return daemons, ports
+
+
+async def test_handover_a_b_c_stays_one_hop_and_keeps_the_stream(make_sessiond, backend: Backend) -> None:
+    daemons, ports = await fleet(make_sessiond, backend)
+    a, b, c = daemons["a"], daemons["b"], daemons["c"]
+    client = SessionClient("127.0.0.1", ports["a"], issue("svc"))
+    await client.open()
+    be = await backend.next_conn()
+    be.writer.write(b"one")
+    assert await client.recv_exactly(3) == b"one"
+
+    reply = await client.handover("127.0.0.1", ports["b"], target="a")
+    assert reply.ok and reply.resumed
+    be.writer.write(b"two")
+    assert await client.recv_exactly(3) == b"two"
+    await client.send(b"up-via-b")
+    assert await be.read_exactly(8) == b"up-via-b"
+    assert [s["state"] for s in b.manager.list_sessions()] == ["forwarded"]
+    assert b.manager.list_sessions()[0]["peer"] == "a"
+
+    reply = await client.handover("127.0.0.1", ports["c"], target="a")  # names the anchor, not b
+    assert reply.ok and reply.resumed
+    be.writer.write(b"three")
+    assert await client.recv_exactly(5) == b"three"
+    await client.send(b"up-via-c")
+    assert await be.read_exactly(8) == b"up-via-c"
+    await wait_for(lambda: not b.manager.forwards, what="b to drop its forward")
+    fwd = c.manager.list_sessions()
+    assert [(s["state"], s["peer"]) for s in fwd] == [("forwarded", "a")]  # C -> A directly
+    assert a.metrics.handovers.labels("in")._value.get() == 2  # type: ignore[attr-defined]
+    assert b.metrics.handovers.labels("in")._value.get() == 0  # type: ignore[attr-defined]
+    assert len(backend.conns) == 1
+    assert [s["state"] for s in a.manager.list_sessions()] == ["attached"]
+
+    # END through the forwarder ends the session at the anchor
+    assert (await client.end()).ok
+    assert await asyncio.wait_for(be.reader.read(10), 5) == b""
+    with pytest.raises(SessionRefused) as err:
+        await SessionClient("127.0.0.1", ports["b"], client.credential, "a").open()
+    assert err.value.status == Status.SESSION_ENDED
+
+
+async def test_fin_handover_through_forwarder_loses_and_duplicates_nothing(make_sessiond, backend: Backend) -> None:
+    daemons, ports = await fleet(make_sessiond, backend, ("a", "b"))
+    client = SessionClient("127.0.0.1", ports["a"], issue("svc"))
+    await client.open()
+    be = await backend.next_conn()
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        i = 0
+        while not stop.is_set():
+            be.writer.write(struct.pack("!Q", i))
+            i += 1
+            if i % 50 == 0:
+                await be.writer.drain()
+                await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(produce())
+    got = bytearray()
+    for target_port, target in ((ports["b"], "a"), (ports["a"], ""), (ports["b"], "a")):
+        got += await asyncio.wait_for(client.recv(), 5)
+        await client.handover("127.0.0.1", target_port, target=target)
+    stop.set()
+    await task
+    while True:
+        try:
+            got += await asyncio.wait_for(client.recv(), 0.5)
+        except asyncio.TimeoutError:
+            break
+    n = len(got) // 8
+    assert len(got) % 8 == 0
+    assert list(struct.unpack(f"!{n}Q", bytes(got))) == list(range(n))
+
+
+async def test_unknown_and_unavailable_peers_fail_fast(make_sessiond, backend: Backend) -> None:
+    b = await make_sessiond("b", peers={"a": {"transport": "tcp", "address": "127.0.0.1:1"}})
+    entry, _ = await b.put_service("svc", backend.address)
+    for target, status in (("zz", Status.UNKNOWN_PEER), ("a", Status.PEER_UNAVAILABLE)):
+        started = time.monotonic()
+        with pytest.raises(SessionRefused) as err:
+            await SessionClient("127.0.0.1", entry.port, issue("svc"), target).open()
+        assert err.value.status == status
+        assert time.monotonic() - started < 5
+
+
+async def test_peer_endpoint_refuses_chains_and_checks_credentials(make_sessiond, backend: Backend) -> None:
+    a = await make_sessiond("a")
+    await a.put_service("svc", backend.address)
+    host, port = a.peer_address
+    cases = [
+        (issue("svc"), "c", Status.BAD_TARGET),  # no chains: the peer endpoint never forwards again
+        ("v1.svc.1.AAAA.BBBB", "", Status.BAD_CREDENTIAL),
+        (issue("nope"), "", Status.UNKNOWN_SERVICE),
+    ]
+    for cred, target, status in cases:
+        r, w = await asyncio.open_connection(host, port)
+        w.write(encode_header(cred, target))
+        reply = await asyncio.wait_for(read_reply(r), 5)
+        assert reply.status == status, (cred, target, reply)
+        w.close()
+    # the credential is checked on the forwarder before a peer channel is spent on it
+    b = await make_sessiond("b", peers={"a": {"transport": "tcp", "address": peer_addr(a)}})
+    entry, _ = await b.put_service("svc", backend.address)
+    with pytest.raises(SessionRefused) as err:
+        await SessionClient("127.0.0.1", entry.port, issue("other"), "a").open()
+    assert err.value.status == Status.WRONG_SERVICE
+    assert a.metrics.handovers.labels("in")._value.get() == 0  # type: ignore[attr-defined]
+
+
+async def test_one_client_hands_over_the_other_sees_no_gap(make_sessiond) -> None:
+    """Two clients of one service; a pushes timestamps every 1 ms; one moves A->B, the other's
+    inter-arrival gaps stay within normal jitter."""
+    conns: list[asyncio.StreamWriter] = []
+
+    async def ticker(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(w)
+        try:
+            while True:
+                w.write(struct.pack("!d", time.monotonic()))
+                await w.drain()
+                await asyncio.sleep(0.001)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+    srv = await asyncio.start_server(ticker, "127.0.0.1", 0)
+    addr = "127.0.0.1:%d" % srv.sockets[0].getsockname()[1]
+    be = Backend()
+    be.server = srv
+    daemons, ports = await fleet(make_sessiond, be, ("a", "b"))
+    mover = SessionClient("127.0.0.1", ports["a"], issue("svc"))
+    steady = SessionClient("127.0.0.1", ports["a"], issue("svc"))
+    await mover.open()
+    await steady.open()
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        last = None
+        buf = b""
+        while not stop.is_set():
+            buf += await steady.recv()
+            now = time.monotonic()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            buf = buf[len(buf) // 8 * 8 :]
+
+    async def drain_mover() -> None:
+        while True:
+            if not await mover.recv():
+                await asyncio.sleep(0.001)
+
+    w = asyncio.create_task(watch())
+    m = asyncio.create_task(drain_mover())
+    await asyncio.sleep(0.2)
+    for i in range(6):
+        m.cancel()
+        await asyncio.gather(m, return_exceptions=True)
+        await mover.handover("127.0.0.1", ports["b" if i % 2 == 0 else "a"], target="a" if i % 2 == 0 else "")
+        m = asyncio.create_task(drain_mover())
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    stop.set()
+    m.cancel()
+    await asyncio.wait_for(asyncio.gather(w, return_exceptions=True), 5)
+    assert len(gaps) > 100
+    assert max(gaps) < 0.25, f"steady client stalled for {max(gaps) * 1000:.0f} ms"
+    await mover.close()
+    await steady.close()
+    srv.close()
