@@ -1,0 +1,410 @@
+"""`cloudlet bench tunnel`: SSH tunnel throughput and latency against OpenSSH, side by side.
+
+One run starts its own sshd (private config, host key, restricted tunnel key, free loopback port;
+see ``cloudlet.tunnel_sshd``), a sink process that counts bytes, and measures:
+
+- ``openssh_gbps``: a source process sends N MB into OpenSSH ``ssh -N -L`` (compression off, the same
+  cipher) -> sshd -> sink, until the sink acknowledges every byte;
+- ``asyncssh_gbps``: the same source and sink through ``SshPeerConnector``: a local listener in this
+  process opens one channel per connection on the warm tunnel and pipes it (what sessiond does for a
+  forwarded session);
+- ``channel_open_ms_p50``: opening a channel on the warm tunnel (to the sink, through sshd);
+- ``cold_connect_ms_p50``: a new SSH connection (TCP, key exchange, public key authentication).
+
+Rounds alternate between OpenSSH and asyncssh; the best round of each is reported (the machine is
+shared, the best round is the least disturbed one). Needs root (sshd and its tunnel account).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+SINK = r"""
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0)); s.listen(128)
+print(s.getsockname()[1], flush=True)
+def handle(c):
+    n = 0
+    try:
+        while True:
+            b = c.recv(1 << 20)
+            if not b:
+                break
+            n += len(b)
+        c.sendall(str(n).encode())
+    except OSError:
+        pass
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"""
+
+SOURCE = r"""
+import socket, sys, time
+port, total = int(sys.argv[1]), int(sys.argv[2])
+buf = b"\x5a" * (1 << 20)
+c = socket.create_connection(("127.0.0.1", port))
+t = time.perf_counter()
+sent = 0
+while sent < total:
+    c.sendall(buf)
+    sent += len(buf)
+c.shutdown(socket.SHUT_WR)
+ack = c.recv(64)
+dt = time.perf_counter() - t
+print(sent, ack.decode() or "0", dt)
+"""
+
+TARGET_RATIO = 0.8
+TARGET_OPEN_MS = 1.0
+
+
+@dataclass
+class Run:
+    gbps: float
+    seconds: float
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
+
+
+async def _source(port: int, nbytes: int) -> Run:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", SOURCE, str(port), str(nbytes),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"source failed: {err.decode().strip()[-500:]}")
+    sent_s, acked_s, dt_s = out.decode().split()
+    sent, acked, dt = int(sent_s), int(acked_s), float(dt_s)
+    if acked != sent:
+        raise RuntimeError(f"sink acknowledged {acked} of {sent} bytes")
+    return Run(gbps=sent * 8 / dt / 1e9, seconds=dt)
+
+
+class _UpstreamProtocol(asyncio.Protocol):
+    """Client side of the forwarder: bytes go straight into the channel writer (as sessiond's relay)."""
+
+    HIGH = 1 << 20
+
+    def __init__(self, connector: Any, peer: str) -> None:
+        self.connector = connector
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: list[bytes] = []
+        self.eof = False
+        self.draining = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+        transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._open())
+
+    async def _open(self) -> None:
+        assert self.transport is not None
+        try:
+            reader, self.writer = await self.connector.open(self.peer)
+        except Exception:
+            self.transport.close()
+            return
+        asyncio.get_running_loop().create_task(self._down(reader))
+        for data in self.pending:
+            self.writer.write(data)
+        self.pending.clear()
+        if self.eof:
+            self.writer.write_eof()
+        else:
+            self.transport.resume_reading()
+
+    async def _down(self, reader: asyncio.StreamReader) -> None:
+        assert self.transport is not None
+        try:
+            while data := await reader.read(1 << 18):
+                self.transport.write(data)
+            if not self.transport.is_closing():
+                self.transport.write_eof()
+        except (ConnectionError, OSError):
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.writer is None:  # uvloop may deliver data before pause_reading() takes effect
+            self.pending.append(data)
+            self.transport.pause_reading()
+            return
+        self.writer.write(data)
+        if not self.draining and self.writer.transport.get_write_buffer_size() > self.HIGH:
+            self.draining = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        assert self.writer is not None and self.transport is not None
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            self.transport.abort()
+            return
+        self.draining = False
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.writer is not None:
+            self.writer.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _Forwarder:
+    """A local listener piping each connection into a new tunnel channel (like ``ssh -L``)."""
+
+    def __init__(self, connector: Any, peer: str) -> None:
+        self.connector = connector
+        self.peer = peer
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _UpstreamProtocol(self.connector, self.peer), "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def _openssh(sshd: Any, cipher: str, sink_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    from cloudlet.tunnel_sshd import free_port
+
+    local = free_port()
+    argv = ["ssh", "-N", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "Compression=no", "-o", f"Ciphers={cipher}",
+            "-o", f"UserKnownHostsFile={sshd.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "ExitOnForwardFailure=yes", "-o", "IdentitiesOnly=yes", "-i", str(sshd.client_key),
+            "-p", str(sshd.port), "-L", f"127.0.0.1:{local}:127.0.0.1:{sink_port}", f"{sshd.user}@{sshd.listen_host}"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_port(local, 15, proc)
+    except RuntimeError as exc:
+        proc.kill()
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise RuntimeError(f"ssh -L did not come up: {exc}: {err.strip()[-500:]}") from None
+    return proc, local
+
+
+async def _connector(sshd: Any, cipher: str, fast_path: bool = True) -> Any:
+    from cloudlet.tunnel import SshPeerConnector
+
+    c = SshPeerConnector.from_config({"bench": sshd.peer_table("bench", ciphers=[cipher], fast_path=fast_path)})
+    await c.start()
+    if not await c.wait_up(15):
+        status = c.status()[0]
+        await c.close()
+        raise RuntimeError(f"tunnel did not come up: {status['last_error']}")
+    return c
+
+
+async def _throughput_asyncssh(sshd: Any, cipher: str, nbytes: int, fast_path: bool = True) -> Run:
+    c = await _connector(sshd, cipher, fast_path)
+    fwd = _Forwarder(c, "bench")
+    await fwd.start()
+    try:
+        return await _source(fwd.port, nbytes)
+    finally:
+        fwd.close()
+        await c.close()
+
+
+async def _throughput_openssh(sshd: Any, cipher: str, sink_port: int, nbytes: int) -> Run:
+    proc, local = _openssh(sshd, cipher, sink_port)
+    try:
+        return await _source(local, nbytes)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def _channel_open_ms(sshd: Any, cipher: str, count: int) -> list[float]:
+    c = await _connector(sshd, cipher)
+    times = []
+    try:
+        for _ in range(count):
+            t = time.perf_counter()
+            reader, writer = await c.open("bench")
+            times.append((time.perf_counter() - t) * 1000)
+            writer.write_eof()
+            await reader.read()
+            writer.close()
+    finally:
+        await c.close()
+    return times
+
+
+async def _cold_connect_ms(sshd: Any, cipher: str, count: int) -> list[float]:
+    import asyncssh
+
+    times = []
+    for _ in range(count):
+        t = time.perf_counter()
+        conn = await asyncssh.connect(sshd.listen_host, port=sshd.port, username=sshd.user, config=None,
+                                      client_keys=[str(sshd.client_key)], known_hosts=str(sshd.known_hosts),
+                                      agent_path=None, encryption_algs=[cipher], compression_algs=["none"])
+        times.append((time.perf_counter() - t) * 1000)
+        conn.close()
+        await conn.wait_closed()
+    return times
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_bench(megabytes: int, rounds: int, cipher: str, compare_ciphers: bool, opens: int, colds: int,
+                    progress: Any) -> dict[str, Any]:
+    from cloudlet.tunnel_sshd import TunnelSshd
+
+    nbytes = megabytes * 1024 * 1024
+    sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    sshd = None
+    try:
+        assert sink.stdout is not None
+        sink_port = int(sink.stdout.readline())
+        sshd = TunnelSshd(endpoint=f"127.0.0.1:{sink_port}")
+        sshd.start()
+        openssh_runs: list[Run] = []
+        asyncssh_runs: list[Run] = []
+        for i in range(rounds):
+            openssh_runs.append(await _throughput_openssh(sshd, cipher, sink_port, nbytes))
+            asyncssh_runs.append(await _throughput_asyncssh(sshd, cipher, nbytes))
+            progress(f"round {i + 1}/{rounds}: openssh {openssh_runs[-1].gbps:.3f} Gbps, "
+                     f"asyncssh {asyncssh_runs[-1].gbps:.3f} Gbps")
+        naive = await _throughput_asyncssh(sshd, cipher, nbytes, fast_path=False)
+        progress(f"asyncssh without the fast path: {naive.gbps:.3f} Gbps")
+        ciphers: dict[str, dict[str, float]] = {}
+        if compare_ciphers:
+            small = max(nbytes // 2, 1 << 20)
+            for name in ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"):
+                o = await _throughput_openssh(sshd, name, sink_port, small)
+                a = await _throughput_asyncssh(sshd, name, small)
+                ciphers[name] = {"openssh_gbps": round(o.gbps, 3), "asyncssh_gbps": round(a.gbps, 3)}
+                progress(f"cipher {name}: openssh {o.gbps:.3f} Gbps, asyncssh {a.gbps:.3f} Gbps")
+        open_ms = await _channel_open_ms(sshd, cipher, opens)
+        cold_ms = await _cold_connect_ms(sshd, cipher, colds)
+        best_o = max(r.gbps for r in openssh_runs)
+        best_a = max(r.gbps for r in asyncssh_runs)
+        ratio = best_a / best_o if best_o else 0.0
+        result: dict[str, Any] = {
+            "openssh_gbps": round(best_o, 3),
+            "asyncssh_gbps": round(best_a, 3),
+            "ratio_vs_openssh": round(ratio, 3),
+            "channel_open_ms_p50": round(statistics.median(open_ms), 3),
+            "channel_open_ms_p90": round(_p(open_ms, 0.9), 3),
+            "cold_connect_ms_p50": round(statistics.median(cold_ms), 3),
+            "asyncssh_no_fast_path_gbps": round(naive.gbps, 3),
+            "openssh_gbps_rounds": [round(r.gbps, 3) for r in openssh_runs],
+            "asyncssh_gbps_rounds": [round(r.gbps, 3) for r in asyncssh_runs],
+            "ciphers": ciphers,
+            "cipher": cipher,
+            "megabytes": megabytes,
+            "rounds": rounds,
+            "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+            "targets": {"ratio_vs_openssh": TARGET_RATIO, "channel_open_ms_p50": TARGET_OPEN_MS},
+            "targets_met": {"ratio_vs_openssh": ratio >= TARGET_RATIO,
+                            "channel_open_ms_p50": statistics.median(open_ms) <= TARGET_OPEN_MS},
+        }
+        return result
+    finally:
+        if sshd is not None:
+            sshd.cleanup()
+        sink.kill()
+        sink.wait()
+
+
+def _set_loop(choice: str) -> None:
+    if choice == "asyncio":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("--loop uvloop: uvloop is not installed (pip install 'cloudlet[uvloop]')") from None
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main(args: argparse.Namespace) -> int:
+    from cloudlet.tunnel_sshd import sshd_argv_available
+
+    reasons = sshd_argv_available()
+    if reasons:
+        print("cloudlet bench tunnel: " + "; ".join(reasons), file=sys.stderr)
+        return 2
+    if args.megabytes < 1 or args.rounds < 1 or args.opens < 1 or args.colds < 1:
+        print("cloudlet bench tunnel: --megabytes, --rounds, --opens and --colds must be >= 1", file=sys.stderr)
+        return 2
+    _set_loop(args.loop)
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"# {msg}", file=sys.stderr, flush=True)
+
+    result = asyncio.run(run_bench(args.megabytes, args.rounds, args.cipher, not args.no_cipher_compare,
+                                   args.opens, args.colds, progress))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key in ("openssh_gbps", "asyncssh_gbps", "ratio_vs_openssh", "channel_open_ms_p50",
+                    "channel_open_ms_p90", "cold_connect_ms_p50", "asyncssh_no_fast_path_gbps"):
+            print(f"{key:28} {result[key]}")
+        for name, figures in result["ciphers"].items():
+            print(f"{name:28} openssh {figures['openssh_gbps']} Gbps, asyncssh {figures['asyncssh_gbps']} Gbps")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "tunnel",
+        help="SSH tunnel throughput and channel/connect latency, against OpenSSH ssh -L",
+        description=(__doc__ or "").split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--megabytes", type=int, default=256, help="MiB sent per throughput round (default 256)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating OpenSSH/asyncssh rounds (default 3)")
+    parser.add_argument("--cipher", default="aes128-gcm@openssh.com", help="cipher of both sides (default aes128-gcm)")
+    parser.add_argument("--no-cipher-compare", action="store_true",
+                        help="skip the aes128-gcm vs chacha20-poly1305 comparison")
+    parser.add_argument("--opens", type=int, default=200, help="channel opens measured (default 200)")
+    parser.add_argument("--colds", type=int, default=20, help="cold SSH connections measured (default 20)")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="event loop of the asyncssh side (auto: uvloop if installed, as sessiond)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(func=main)
