@@ -1,0 +1,301 @@
+"""`cloudlet bench proxy`: the session relay against direct TCP and socat, in one run.
+
+Throughput: one TCP stream of ``--gib`` GiB from a source thread to a sink thread, (1) direct,
+(2) through ``socat -b 262144``, (3) through a real ``cloudlet sessiond`` subprocess (session header,
+then raw bytes). Latency: ``--pings`` one-byte ping-pongs through the same three paths; the relay's
+added latency is its p50/p99 minus direct's. Memory: ``--idle`` idle sessions opened through sessiond;
+RSS growth of the sessiond process per session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import threading
+import time
+from typing import Any
+
+from cloudlet.bench._sessiond import Fleet, raise_nofile, rss_kib
+from cloudlet.protocol import REPLY_FIXED, Op, encode_header, parse_reply
+
+CHUNK = 1 << 20
+
+
+def _listener() -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen(1024)
+    return s
+
+
+class Sink(threading.Thread):
+    """Accepts connections; reads each until ``expect`` bytes arrived (or EOF); records bytes and
+    the time from first to last byte. (A session's FIN only detaches, so the backend sees no EOF.)"""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sock = _listener()
+        self.port = self.sock.getsockname()[1]
+        self.results: list[tuple[int, float]] = []
+        self.done = threading.Event()
+        self.expect = 0
+
+    def run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            total = 0
+            first = 0.0
+            while True:
+                n = conn.recv_into(view)
+                if not n:
+                    break
+                if not total:
+                    first = time.perf_counter()
+                total += n
+                if total >= self.expect > 0:
+                    break
+            elapsed = time.perf_counter() - first
+            conn.close()
+            if not total:  # a port probe
+                continue
+            self.results.append((total, elapsed))
+            self.done.set()
+
+
+class Echo(threading.Thread):
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sock = _listener()
+        self.port = self.sock.getsockname()[1]
+
+    def run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        conn.close()
+
+
+def _connect(port: int, credential: str | None) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if credential is not None:
+        s.sendall(encode_header(credential))
+        data = b""
+        while True:
+            data += s.recv(REPLY_FIXED.size + 255)
+            parsed = parse_reply(data)
+            if parsed is not None:
+                break
+        reply, _ = parsed
+        if not reply.ok:
+            raise RuntimeError(f"sessiond refused: {reply.status.name} {reply.message}")
+    return s
+
+
+def throughput(port: int, sink: Sink, nbytes: int, credential: str | None = None) -> float:
+    sink.done.clear()
+    sink.expect = nbytes
+    s = _connect(port, credential)
+    payload = memoryview(b"\xa5" * CHUNK)
+    sent = 0
+    while sent < nbytes:
+        s.sendall(payload)
+        sent += CHUNK
+    if not sink.done.wait(120):
+        raise RuntimeError("sink did not finish")
+    s.close()
+    if credential is not None:  # end the session (a plain close only detaches it)
+        e = socket.create_connection(("127.0.0.1", port))
+        e.sendall(encode_header(credential, op=Op.END))
+        e.recv(REPLY_FIXED.size + 255)
+        e.close()
+    total, elapsed = sink.results[-1]
+    if total != sent:
+        raise RuntimeError(f"sink got {total} bytes, sent {sent}")
+    return total * 8 / elapsed / 1e9
+
+
+def pingpong(port: int, count: int, credential: str | None = None) -> list[float]:
+    s = _connect(port, credential)
+    out = []
+    for _ in range(100):  # warm-up
+        s.sendall(b"p")
+        s.recv(1)
+    for _ in range(count):
+        t0 = time.perf_counter()
+        s.sendall(b"p")
+        if not s.recv(1):
+            raise RuntimeError("echo closed")
+        out.append((time.perf_counter() - t0) * 1e6)
+    s.close()
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def _wait_port(port: int) -> None:
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            await asyncio.sleep(0.025)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def _socat(target: int) -> tuple[subprocess.Popen[bytes], int]:
+    probe = _listener()
+    port = probe.getsockname()[1]
+    probe.close()
+    proc = subprocess.Popen(["socat", "-b", "262144", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
+                             f"TCP:127.0.0.1:{target}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, port
+
+
+async def idle_sessions(fleet: Fleet, sd: Any, count: int) -> float:
+    """Open ``count`` idle sessions through sessiond; RSS growth per session in KiB."""
+    held: list[Any] = []
+
+    async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        held.append(w)
+
+    backend = await asyncio.start_server(accept, "127.0.0.1", 0, backlog=4096)
+    port = await sd.put_service("idle", "127.0.0.1:%d" % backend.sockets[0].getsockname()[1])
+    # warm up allocator and code paths with a few sessions first
+    clients: list[asyncio.StreamWriter] = []
+
+    async def one() -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(encode_header(fleet.credential("idle")))
+        data = await r.readexactly(REPLY_FIXED.size)
+        _, _, status, _, mlen = REPLY_FIXED.unpack(data)
+        if mlen:
+            await r.readexactly(mlen)
+        if status != 0:
+            raise RuntimeError(f"idle session refused with status {status}")
+        clients.append(w)
+
+    await asyncio.gather(*(one() for _ in range(50)))
+    await asyncio.sleep(0.5)
+    before = rss_kib(sd.proc.pid)
+    done = 0
+    while done < count:
+        batch = min(250, count - done)
+        await asyncio.gather(*(one() for _ in range(batch)))
+        done += batch
+    await asyncio.sleep(1.0)
+    after = rss_kib(sd.proc.pid)
+    for w in clients:
+        w.close()
+    for w in held:
+        w.close()
+    backend.close()
+    return (after - before) / count
+
+
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    if not shutil.which("socat"):
+        raise SystemExit("socat is needed for the baseline (apt-get install socat)")
+    raise_nofile(4 * args.idle + 1024)
+    nbytes = int(args.gib * (1 << 30)) // CHUNK * CHUNK
+    sink, echo = Sink(), Echo()
+    sink.start()
+    echo.start()
+    fleet = Fleet()
+    socat_procs: list[subprocess.Popen[bytes]] = []
+    try:
+        sd = await fleet.start("bench", loop=args.loop, max_sessions=args.idle + 1000)
+        sink_svc = await sd.put_service("sink", f"127.0.0.1:{sink.port}")
+        echo_svc = await sd.put_service("echo", f"127.0.0.1:{echo.port}")
+        socat_sink, socat_sink_port = _socat(sink.port)
+        socat_echo, socat_echo_port = _socat(echo.port)
+        socat_procs += [socat_sink, socat_echo]
+        await _wait_port(socat_sink_port)
+        await _wait_port(socat_echo_port)
+        rates: dict[str, list[float]] = {"direct": [], "socat": [], "session": []}
+        for _ in range(args.rounds):  # interleaved, so a load spike hits all three alike
+            rates["direct"].append(await asyncio.to_thread(throughput, sink.port, sink, nbytes))
+            rates["socat"].append(await asyncio.to_thread(throughput, socat_sink_port, sink, nbytes))
+            rates["session"].append(await asyncio.to_thread(throughput, sink_svc, sink, nbytes, fleet.credential("sink")))
+        lat = {
+            "direct": await asyncio.to_thread(pingpong, echo.port, args.pings),
+            "socat": await asyncio.to_thread(pingpong, socat_echo_port, args.pings),
+            "session": await asyncio.to_thread(pingpong, echo_svc, args.pings, fleet.credential("echo")),
+        }
+        idle_kib = await idle_sessions(fleet, sd, args.idle) if args.idle else None
+        best = {k: max(v) for k, v in rates.items()}
+        p50 = {k: statistics.median(v) for k, v in lat.items()}
+        p99 = {k: _pct(v, 0.99) for k, v in lat.items()}
+        return {
+            "bytes_per_run": nbytes,
+            "rounds": args.rounds,
+            "loop": args.loop,
+            "direct_gbps": round(best["direct"], 3),
+            "socat_gbps": round(best["socat"], 3),
+            "session_gbps": round(best["session"], 3),
+            "ratio_vs_direct": round(best["session"] / best["direct"], 3),
+            "ratio_vs_socat": round(best["session"] / best["socat"], 3),
+            "direct_latency_us_p50": round(p50["direct"], 1),
+            "socat_latency_us_p50": round(p50["socat"], 1),
+            "session_latency_us_p50": round(p50["session"], 1),
+            "added_latency_us_p50": round(p50["session"] - p50["direct"], 1),
+            "added_latency_us_p99": round(p99["session"] - p99["direct"], 1),
+            "socat_added_latency_us_p50": round(p50["socat"] - p50["direct"], 1),
+            "idle_sessions": args.idle,
+            "idle_session_kib": None if idle_kib is None else round(idle_kib, 2),
+        }
+    finally:
+        for p in socat_procs:
+            p.terminate()
+            p.wait()
+        fleet.stop()
+        sink.sock.close()
+        echo.sock.close()
+
+
+def _main(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    result = asyncio.run(run_bench(args))
+    result["bench_seconds"] = round(time.monotonic() - started, 1)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:28} {v}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "proxy", help="session relay vs direct TCP and socat: throughput, latency, idle memory",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--gib", type=float, default=1.0, help="GiB per throughput run (default 1)")
+    p.add_argument("--rounds", type=int, default=3, help="throughput runs per path, best counts (default 3)")
+    p.add_argument("--pings", type=int, default=5000, help="ping-pongs per path (default 5000)")
+    p.add_argument("--idle", type=int, default=10000, help="idle sessions for the memory figure (default 10000; 0 skips)")
+    p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="sessiond's event loop")
+    p.set_defaults(func=_main)
