@@ -1,0 +1,187 @@
+"""`cloudlet bench handover`: service interruption and byte accounting across handovers.
+
+Three real ``cloudlet sessiond`` processes on loopback (``a`` the anchor, ``b`` and ``c`` with ``a``
+as a tcp peer). A backend pushes a numbered, timestamped 16-byte record every millisecond. A client
+moves a -> b -> c -> a ... (naming the anchor ``a``), ``--moves`` times with FIN (clean detach) and
+``--moves`` times without FIN (the old connection is abandoned; the anchor takes over).
+
+Per kind: ``gap_ms`` = time between the last record the application received before a move and the
+first one after it (p50/p99/max over the moves); ``bytes_lost``/``bytes_duplicated`` from the record
+numbers (16 bytes per record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudlet.bench._sessiond import Fleet
+from cloudlet.client import SessionClient
+
+RECORD = struct.Struct("!IId")
+MAGIC = 0xC10D1E70
+PERIOD = 0.001
+
+
+async def ticker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Backend: one record per millisecond, on an absolute schedule (catches up after stalls)."""
+    seq = 0
+    start = time.perf_counter()
+    try:
+        while True:
+            now = time.perf_counter()
+            due = int((now - start) / PERIOD) + 1
+            out = bytearray()
+            while seq < due:
+                out += RECORD.pack(MAGIC, seq, time.time())
+                seq += 1
+            writer.write(out)
+            await writer.drain()
+            await asyncio.sleep(max(0.0, start + seq * PERIOD - time.perf_counter()))
+    except (ConnectionError, asyncio.CancelledError):
+        writer.close()
+
+
+@dataclass
+class Receiver:
+    """Parses records (resynchronising on the magic after lost bytes) and notes arrival times."""
+
+    seqs: list[int] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    buf: bytearray = field(default_factory=bytearray)
+    skipped: int = 0
+
+    def feed(self, data: bytes, now: float) -> None:
+        self.buf += data
+        buf = self.buf
+        pos = 0
+        size = RECORD.size
+        while len(buf) - pos >= size:
+            magic, seq, _ = RECORD.unpack_from(buf, pos)
+            if magic != MAGIC:  # partial record lost: find the next record start
+                nxt = buf.find(struct.pack("!I", MAGIC), pos + 1)
+                if nxt < 0:
+                    self.skipped += len(buf) - pos - 3
+                    pos = len(buf) - 3
+                    break
+                self.skipped += nxt - pos
+                pos = nxt
+                continue
+            self.seqs.append(seq)
+            self.arrivals.append(now)
+            pos += size
+        del buf[:pos]
+
+
+async def run_kind(fleet: Fleet, ports: dict[str, int], fin: bool, moves: int, interval: float) -> dict[str, Any]:
+    client = SessionClient("127.0.0.1", ports["a"], fleet.credential("tick"))
+    await client.open()
+    rx = Receiver()
+
+    async def receive() -> None:
+        while True:
+            data = await client.recv()
+            if not data:
+                raise ConnectionError("session closed by the server")
+            rx.feed(data, time.perf_counter())
+
+    task = asyncio.create_task(receive())
+    await asyncio.sleep(0.2)
+    route = ["b", "c", "a"]
+    marks: list[tuple[float, int]] = []  # (move start, records received before it)
+    phases: list[tuple[float, float]] = []  # (detach ms, attach ms)
+    for i in range(moves):
+        await asyncio.sleep(interval)
+        if task.done():
+            task.result()
+        to = route[i % 3]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        marks.append((time.perf_counter(), len(rx.seqs)))
+        t0 = time.perf_counter()
+        if fin:
+            await client.detach()
+        else:
+            client.drop()
+        t1 = time.perf_counter()
+        client.host, client.port, client.target = "127.0.0.1", ports[to], "" if to == "a" else "a"
+        await client.open()
+        phases.append(((t1 - t0) * 1000, (time.perf_counter() - t1) * 1000))
+        task = asyncio.create_task(receive())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await client.end()
+    await client.close()
+    gaps = []
+    for _, before in marks:
+        if 0 < before < len(rx.arrivals):
+            gaps.append((rx.arrivals[before] - rx.arrivals[before - 1]) * 1000)
+    seen = set()
+    dup = 0
+    for s in rx.seqs:
+        if s in seen:
+            dup += 1
+        seen.add(s)
+    lost = (max(seen) - min(seen) + 1 - len(seen)) if seen else 0
+    gaps.sort()
+    return {
+        "moves": len(marks),
+        "gap_ms_p50": round(statistics.median(gaps), 3) if gaps else None,
+        "gap_ms_p99": round(gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], 3) if gaps else None,
+        "gap_ms_max": round(max(gaps), 3) if gaps else None,
+        "bytes_lost": lost * RECORD.size,
+        "bytes_duplicated": dup * RECORD.size,
+        "detach_ms_p50": round(statistics.median(p[0] for p in phases), 3) if phases else None,
+        "attach_ms_p50": round(statistics.median(p[1] for p in phases), 3) if phases else None,
+        "records_received": len(rx.seqs),
+        "partial_bytes_skipped": rx.skipped,
+    }
+
+
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    backend = await asyncio.start_server(ticker, "127.0.0.1", 0)
+    backend_addr = "127.0.0.1:%d" % backend.sockets[0].getsockname()[1]
+    fleet = Fleet()
+    try:
+        a = await fleet.start("a", loop=args.loop)
+        b = await fleet.start("b", peers={"a": a.peer_listen}, loop=args.loop)
+        c = await fleet.start("c", peers={"a": a.peer_listen}, loop=args.loop)
+        ports = {d.name: await d.put_service("tick", backend_addr) for d in (a, b, c)}
+        kinds = {
+            "fin": await run_kind(fleet, ports, True, args.moves, args.interval),
+            "no_fin": await run_kind(fleet, ports, False, args.moves, args.interval),
+        }
+        fin = kinds["fin"]
+        return {"moves": fin["moves"] + kinds["no_fin"]["moves"], "gap_ms_p50": fin["gap_ms_p50"],
+                "gap_ms_p99": fin["gap_ms_p99"], "gap_ms_max": fin["gap_ms_max"], "bytes_lost": fin["bytes_lost"],
+                "bytes_duplicated": fin["bytes_duplicated"], "kinds": kinds, "record_period_ms": PERIOD * 1000,
+                "loop": args.loop}
+    finally:
+        fleet.stop()
+        backend.close()
+
+
+def _main(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    result = asyncio.run(run_bench(args))
+    result["bench_seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "handover", help="gap and lost/duplicated bytes across handovers (with and without FIN)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object on one line")
+    p.add_argument("--moves", type=int, default=30, help="moves per kind (default 30)")
+    p.add_argument("--interval", type=float, default=0.1, help="seconds between moves (default 0.1)")
+    p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="sessiond's event loop")
+    p.set_defaults(func=_main)
