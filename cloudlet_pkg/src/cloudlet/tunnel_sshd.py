@@ -88,6 +88,7 @@ class TunnelSshd:
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o755)  # sshd reads authorized_keys as the tunnel user
         if not os.path.exists(SSHD):
             raise SshdError(f"{SSHD} not found: install openssh-server")
@@ -109,6 +110,11 @@ class TunnelSshd:
         self.config_path = self.workdir / "sshd_config"
         self.config_path.write_text(self.render_config())
         self.log_path = self.workdir / "sshd.log"
+
+    def authorize(self, public_key: str) -> None:
+        """Allow one more client key (another cloudlet's), restricted like the first."""
+        with open(self.authorized_keys, "a") as fh:
+            fh.write(authorized_key_line(public_key, self.endpoint) + "\n")
 
     def known_hosts_line(self, public_key: str | None = None) -> str:
         host = self.listen_host if self.port == 22 else f"[{self.listen_host}]:{self.port}"
