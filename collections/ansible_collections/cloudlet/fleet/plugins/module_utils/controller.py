@@ -57,6 +57,7 @@ CAUSES: dict[str, str] = {
     "bad_request": "request refused as invalid",
     "runtime_unavailable": "container runtime unavailable",
     "port_timeout": "service did not start listening in time",
+    "service_failed": "service container exited before its port opened",
     "internal": "controller internal error",
     "tls": "TLS certificate validation failed",
     "bad_response": "unexpected answer from the controller",

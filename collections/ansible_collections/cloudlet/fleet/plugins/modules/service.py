@@ -24,7 +24,7 @@ description:
   - Needs only what ansible-core ships with; the cloudlet Python package is not needed where the
     module runs.
 author:
-  - cloudlet contributors
+  - cloudlet maintainers (@cloudlet)
 extends_documentation_fragment:
   - cloudlet.fleet.controller
   - cloudlet.fleet.controller.attributes
@@ -102,7 +102,7 @@ options:
 notes:
   - Errors name the cloudlet (its controller URL and, when the controller answers C(/v1/health), its
     name) and the cause; the result has RV(cause), one of C(unreachable), C(timeout), C(unauthorized),
-    C(image_not_found), C(conflict), C(bad_request), C(runtime_unavailable), C(port_timeout),
+    C(image_not_found), C(conflict), C(bad_request), C(runtime_unavailable), C(port_timeout), C(service_failed),
     C(internal), C(tls), C(bad_response), C(invalid_name).
 seealso:
   - module: cloudlet.fleet.service_info

@@ -14,7 +14,7 @@ description:
   - Reads services from a cloudlet controller's HTTP API (C(GET /v1/services) and
     C(GET /v1/services/{name})). Changes nothing.
 author:
-  - cloudlet contributors
+  - cloudlet maintainers (@cloudlet)
 extends_documentation_fragment:
   - cloudlet.fleet.controller
   - cloudlet.fleet.controller.attributes

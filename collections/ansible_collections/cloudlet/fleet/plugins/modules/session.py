@@ -19,7 +19,7 @@ description:
   - The returned RV(session) is a secret; anyone holding it can attach to the session. Register the
     result only where needed, and set the C(no_log) keyword on tasks that print or template it.
 author:
-  - cloudlet contributors
+  - cloudlet maintainers (@cloudlet)
 extends_documentation_fragment:
   - cloudlet.fleet.controller
   - cloudlet.fleet.controller.attributes
@@ -170,12 +170,14 @@ def main() -> None:
     )
     client = ControllerClient.from_module(module)
     params = module.params
+    if params["state"] == "present":
+        action = "Issuing a session for service %r" % params["name"]
+    else:
+        action = "Ending session %s" % (session_id(params["session"]) or "(unparsable credential)")
     try:
         if params["state"] == "present":
-            action = "Issuing a session for service %r" % params["name"]
             result = issue(module, client, params["name"])
         else:
-            action = "Ending session %s" % (session_id(params["session"]) or "(unparsable credential)")
             result = end(module, client, params["session"])
     except ControllerError as err:
         client.fail(module, action, err, changed=False)

@@ -123,7 +123,7 @@ def test_non_json_answer_is_a_bad_response():
     listener.listen(1)
 
     def answer():
-        conn, _ = listener.accept()
+        conn = listener.accept()[0]
         conn.recv(65536)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
         conn.close()

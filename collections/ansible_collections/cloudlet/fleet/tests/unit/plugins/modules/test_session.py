@@ -78,7 +78,7 @@ def test_end_in_check_mode_ends_nothing(controller, run_module):
 
     assert run.result["changed"] is True
     assert credential in controller.state.sessions
-    assert not any(m == "DELETE" for m, _ in controller.writes())
+    assert not any(method == "DELETE" for method, path in controller.writes())
 
 
 def test_state_decides_the_required_option(controller, run_module):
