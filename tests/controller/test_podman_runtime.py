@@ -148,3 +148,17 @@ async def test_unreachable_socket_is_runtime_unavailable(tmp_path) -> None:
             await rt.list()
     finally:
         await rt.close()
+
+
+def test_readiness_probe_only_targets_local_links(tmp_path) -> None:
+    from cloudlet.controller.runtime.podman import on_local_link
+
+    table = tmp_path / "route"
+    table.write_text(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"  # default via 192.0.2.1
+        "podman1\t0001590A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # 10.89.1.0/24
+    )
+    assert on_local_link("10.89.1.7", str(table))
+    assert not on_local_link("10.89.2.7", str(table))  # only the default route: never probe it
+    assert not on_local_link("not-an-ip", str(table))

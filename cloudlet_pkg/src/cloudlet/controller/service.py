@@ -248,6 +248,10 @@ class ServiceManager:
                         event(log, logging.INFO, "stopped container started again", service=inst.name)
                     except RuntimeFailure as exc:
                         event(log, logging.WARNING, "service cannot be started", service=inst.name, error=str(exc))
+                        if inst.name in registered:
+                            # its old backend address may now lead anywhere: stop relaying until it runs
+                            await self.sessiond.delete_service(inst.name)
+                            repairs["unregistered"] += 1
                         continue
                 reg = registered.get(inst.name)
                 if reg is None or reg.backend != inst.backend or reg.port != inst.session_port:

@@ -10,6 +10,7 @@ relays to is the container's IP on that network plus the container port.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import struct
@@ -203,7 +204,7 @@ class PodmanRuntime:
         delay = 0.005
         next_check = time.monotonic() + 0.5
         while True:
-            if ip:
+            if ip and on_local_link(ip):
                 try:
                     _, writer = await asyncio.wait_for(asyncio.open_connection(ip, spec.port), timeout=1.0)
                     writer.close()
@@ -211,9 +212,15 @@ class PodmanRuntime:
                         await writer.wait_closed()
                     except OSError:
                         pass
-                    return Instance(spec, session_port, "running", f"{ip}:{spec.port}", created, container_id)
+                    # the container still holds this address: the answer came from it
+                    info = await self._inspect(container_id)
+                    if (info.get("State") or {}).get("Running") and self._ip(info) == ip:
+                        return Instance(spec, session_port, "running", f"{ip}:{spec.port}", created, container_id)
+                    next_check = 0.0
                 except (OSError, asyncio.TimeoutError):
                     pass
+            else:
+                next_check = 0.0
             now = time.monotonic()
             if now >= deadline:
                 raise PortTimeout(
@@ -309,6 +316,27 @@ class PodmanRuntime:
             return instance
         await self._request("POST", f"/containers/{instance.ref}/start", ok=(204, 304))
         return await self._wait_ready(instance.ref, instance.spec, instance.session_port, instance.created, 30.0)
+
+
+def on_local_link(ip: str, route_table: str = "/proc/net/route") -> bool:
+    """True if ``ip`` is reached directly through a local interface (a podman bridge), not a gateway.
+
+    When a container exits, netavark may remove its bridge; its old IP would then be routed to the
+    default gateway, and a readiness probe must never send traffic there.
+    """
+    try:
+        addr = int.from_bytes(ipaddress.IPv4Address(ip).packed, "little")
+        lines = open(route_table).read().splitlines()[1:]
+    except (ValueError, OSError):
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        dest, gateway, mask = int(fields[1], 16), int(fields[2], 16), int(fields[7], 16)
+        if mask != 0 and gateway == 0 and addr & mask == dest:
+            return True
+    return False
 
 
 def _demux(data: bytes) -> str:

@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -213,6 +214,19 @@ static int handle_line(struct conn *c, char *line) {
     return reply(c, "ERR unknown command %.32s", cmd);
 }
 
+/* Close without a reset: a peer that still sends gets our last reply before the FIN, not an RST
+ * that would discard it. Drains at most 64 KiB for at most one second. */
+static void close_gracefully(int fd) {
+    char sink[4096];
+    struct timeval tv = {.tv_sec = 1, .tv_usec = 0};
+    shutdown(fd, SHUT_WR);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    for (int i = 0; i < 16; i++)
+        if (recv(fd, sink, sizeof sink, 0) <= 0)
+            break;
+    close(fd);
+}
+
 static void *serve(void *arg) {
     struct conn *c = arg;
     int one = 1;
@@ -248,7 +262,7 @@ static void *serve(void *arg) {
         }
     }
 out:
-    close(c->fd);
+    close_gracefully(c->fd);
     free(c);
     atomic_fetch_sub(&live_connections, 1);
     return NULL;
