@@ -14,6 +14,7 @@ BENCHMARKS: tuple[str, ...] = (
     "cloudlet.bench.handover",
     "cloudlet.bench.launch",
     "cloudlet.bench.tunnel",
+    "cloudlet.bench.migrate",
 )
 
 
