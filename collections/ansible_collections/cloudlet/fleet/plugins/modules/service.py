@@ -102,7 +102,8 @@ options:
 notes:
   - Errors name the cloudlet (its controller URL and, when the controller answers C(/v1/health), its
     name) and the cause; the result has RV(cause), one of C(unreachable), C(timeout), C(unauthorized),
-    C(image_not_found), C(conflict), C(bad_request), C(runtime_unavailable), C(port_timeout), C(service_failed),
+    C(image_not_found), C(conflict), C(limit), C(bad_request), C(runtime_unavailable), C(sessiond_unavailable),
+    C(no_free_port), C(port_timeout), C(service_failed),
     C(internal), C(tls), C(bad_response), C(invalid_name).
 seealso:
   - module: cloudlet.fleet.service_info
@@ -184,6 +185,10 @@ service:
       description: Port of the cloudlet's session daemon where devices reach this service.
       type: int
       sample: 31000
+    session_host:
+      description: Host devices connect to for sessions.
+      type: str
+      sample: 192.0.2.10
     cloudlet:
       description: Name of the cloudlet.
       type: str
@@ -197,8 +202,8 @@ service:
       type: str
       sample: 10.88.0.5:7000
     created:
-      description: When the service was created (as the controller reports it).
-      type: raw
+      description: When the service was created (UTC, ISO 8601).
+      type: str
       sample: "2026-11-26T06:00:00Z"
 cloudlet:
   description: Name of the cloudlet, from the controller's health endpoint.

@@ -15,7 +15,8 @@ description:
     O(name) (C(POST /v1/services/{name}/sessions)) and returns it with the host and port a device
     connects to. Every run issues a new credential, so the task always reports C(changed).
   - With O(state=absent), ends the session of the credential O(session) (C(DELETE /v1/sessions/{credential})),
-    wherever the device is attached; its credential is refused afterwards.
+    wherever the device is attached; its credential is refused afterwards. A credential without a live
+    session (already ended, or never used) reports C(changed=false).
   - The returned RV(session) is a secret; anyone holding it can attach to the session. Register the
     result only where needed, and set the C(no_log) keyword on tasks that print or template it.
 author:
@@ -145,7 +146,7 @@ def issue(module: AnsibleModule, client: ControllerClient, name: str) -> dict[st
     return {
         "changed": True,
         "session": credential,
-        "id": session_id(credential),
+        "id": answer.get("id") or session_id(credential),
         "service": answer.get("service", name),
         "host": answer.get("host"),
         "port": answer.get("port"),
@@ -155,6 +156,7 @@ def issue(module: AnsibleModule, client: ControllerClient, name: str) -> dict[st
 def end(module: AnsibleModule, client: ControllerClient, credential: str) -> dict[str, t.Any]:
     if module.check_mode:
         return {"changed": True}
+    # 404: the session already ended (or never had a live connection): nothing to do.
     return {"changed": client.end_session(credential)}
 
 

@@ -113,8 +113,9 @@ class Handler(BaseHTTPRequestHandler):
             service = state.services[parts[2]]
             return self._send(
                 201,
-                {"session": credential, "service": parts[2], "cloudlet": state.cloudlet,
-                 "host": "127.0.0.1", "port": service["session_port"]},
+                {"session": credential, "id": "nonce%04d" % state.counter, "service": parts[2],
+                 "cloudlet": state.cloudlet, "host": "127.0.0.1", "port": service["session_port"],
+                 "issued": 1764136800},
             )
         if len(parts) == 3 and parts[:2] == ["v1", "sessions"] and self.command == "DELETE":
             if state.sessions.pop(parts[2], None) is None:
@@ -142,8 +143,8 @@ class Handler(BaseHTTPRequestHandler):
             if spec["image"] not in state.images:
                 return self._error(400, "image_not_found", "image %s not found in podman" % spec["image"])
             service = dict(spec, name=name, state="running", session_port=state.next_port,
-                           cloudlet=state.cloudlet, runtime="podman", backend="10.88.0.5:%d" % spec["port"],
-                           created=1764136800.0)
+                           session_host="127.0.0.1", cloudlet=state.cloudlet, runtime="podman",
+                           backend="10.88.0.5:%d" % spec["port"], created="2026-11-26T06:00:00Z")
             state.next_port += 1
             state.services[name] = service
             return self._send(201, service)
