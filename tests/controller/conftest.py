@@ -171,14 +171,15 @@ class Stack:
         )
         self.write_controller_config()
 
-    def write_controller_config(self, podman_socket: str | None = None) -> None:
+    def write_controller_config(self, podman_socket: str | None = None, kubeconfig: str | None = None) -> None:
+        runtime = "kubernetes" if kubeconfig else "podman"
         (self.dir / "controller.toml").write_text(
             "[controller]\n"
             f'cloudlet = "{self.cloudlet}"\n'
             'listen = "127.0.0.1:0"\n'
             f'token_file = "{self.dir / "token"}"\n'
             f'secret_file = "{self.dir / "fleet.secret"}"\n'
-            'runtime = "podman"\n'
+            f'runtime = "{runtime}"\n'
             f'sessiond_socket = "{self.sessiond_socket}"\n'
             'session_host = "127.0.0.1"\n'
             'session_listen = "127.0.0.1"\n'
@@ -187,6 +188,7 @@ class Stack:
             f"reconcile_interval_seconds = {self.reconcile_interval}\n"
             "[podman]\n"
             f'socket = "{podman_socket or self.podman_socket}"\n'
+            + (f'[kubernetes]\nkubeconfig = "{kubeconfig}"\nnamespace = "edge"\n' if kubeconfig else "")
         )
 
     # -- processes ------------------------------------------------------------------------------

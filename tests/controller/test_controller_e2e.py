@@ -219,3 +219,18 @@ async def test_reconcile_removes_registration_of_vanished_container(stack: Stack
 
     await poll(unregistered, 30, "reconcile to drop the dangling registration")
     assert (await stack.api("GET", "/v1/services/gone"))[0] == 404
+
+
+async def test_concurrent_creates(stack: Stack, demo_image: str) -> None:
+    results = await asyncio.gather(
+        stack.api("PUT", "/v1/services/c1", demo_body(demo_image)),
+        stack.api("PUT", "/v1/services/c2", demo_body(demo_image)),
+        stack.api("PUT", "/v1/services/c1", demo_body(demo_image)),
+    )
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [200, 201, 201], results
+    ports = {body["name"]: body["session_port"] for _, body in results}
+    assert ports["c1"] != ports["c2"]
+    assert containers_of(stack.cloudlet) == [f"cloudlet-{stack.cloudlet}-c1", f"cloudlet-{stack.cloudlet}-c2"]
+    reg = await stack.registered()
+    assert {n: r["port"] for n, r in reg.items()} == ports
