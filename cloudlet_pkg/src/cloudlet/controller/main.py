@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -21,11 +24,22 @@ async def _run(cfg: config_mod.ControllerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    _notify_systemd()
     try:
         await stop.wait()
     finally:
         await daemon.stop()
     return 0
+
+
+def _notify_systemd() -> None:
+    """Tell systemd we are ready (``Type=notify`` units); nothing without ``NOTIFY_SOCKET``."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect("\0" + path[1:] if path.startswith("@") else path)
+        s.send(b"READY=1")
 
 
 def _cmd(args: argparse.Namespace) -> int:
