@@ -131,6 +131,32 @@ async def test_without_fast_path_the_bytes_are_the_same(sshd: TunnelSshd) -> Non
         await c.close()
 
 
+async def test_fast_path_survives_many_rekeys(sshd: TunnelSshd) -> None:
+    """Key re-exchange every 256 KiB while data flows both ways on the direct AES-GCM path."""
+    c = await connector_for(("a", sshd.peer_table("a", rekey_bytes=256 * 1024, **FAST)))
+    try:
+        assert await c.wait_up(15), c.status()
+        conn = c.tunnels["a"]._conn
+        kexinits = []
+        original = conn._send_kexinit
+
+        def counting_kexinit() -> None:
+            kexinits.append(time.monotonic())
+            original()
+
+        conn._send_kexinit = counting_kexinit
+        pairs = [await c.open("a") for _ in range(3)]
+        payloads = [os.urandom(3_000_000 + i) for i in range(3)]
+        results = await asyncio.gather(*(roundtrip(r, w, p) for (r, w), p in zip(pairs, payloads)))
+        assert results == payloads
+        assert c.status()[0]["state"] == "up" and c.status()[0]["fast_path"] is True
+        assert conn is c.tunnels["a"]._conn  # the same connection: rekeyed, never dropped
+        assert len(kexinits) >= 10, len(kexinits)
+        assert "rekey" not in (c.status()[0]["last_error"] or "")
+    finally:
+        await c.close()
+
+
 # -- the restricted tunnel account -------------------------------------------------------------------
 
 async def _raw_connect(sshd: TunnelSshd) -> asyncssh.SSHClientConnection:

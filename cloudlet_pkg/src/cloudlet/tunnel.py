@@ -46,6 +46,7 @@ DEFAULT_CIPHERS: tuple[str, ...] = (
 )
 
 _MSG_IGNORE = 2
+_MSG_CHANNEL_DATA = 94
 _EMPTY_STRING = b"\x00\x00\x00\x00"  # SSH string b"": the payload of asyncssh's inserted IGNORE
 
 
@@ -87,6 +88,8 @@ class SshPeerConfig:
     ciphers: tuple[str, ...] = DEFAULT_CIPHERS
     window: int = 4 * 1024 * 1024
     max_pktsize: int = 32768
+    rekey_bytes: int = 1 << 30
+    rekey_seconds: float = 3600.0
     fast_path: bool = True
 
     @classmethod
@@ -108,7 +111,7 @@ class SshPeerConfig:
         numbers: dict[str, type] = {
             "port": int, "keepalive_interval": float, "keepalive_count_max": int, "connect_timeout": float,
             "open_timeout": float, "backoff_initial": float, "backoff_max": float, "rtt_interval": float,
-            "window": int, "max_pktsize": int,
+            "window": int, "max_pktsize": int, "rekey_bytes": int, "rekey_seconds": float,
         }
         for key, kind in numbers.items():
             if key in table:
@@ -157,6 +160,12 @@ class _CorkedTransport:
             self._scheduled = True
             self._loop.call_soon(self._flush)
 
+    def write_many(self, chunks: list[bytes]) -> None:
+        self._buf.extend(chunks)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
         self._scheduled = False
         if not self._buf:
@@ -197,23 +206,156 @@ def _install_fast_path(conn: Any) -> bool:
     return True
 
 
+class _DirectData:
+    """Channel data packets built and AES-GCM-encrypted in one pass, bypassing asyncssh's generic
+    packet path (which copies each 32 KiB payload about eight times).
+
+    Used only in steady state: key exchange complete and not in progress, authentication done, no
+    deferred packets, no compression, an AES-GCM cipher, the channel open with nothing queued in
+    asyncssh's own send buffer. Otherwise (and for whatever exceeds the peer's window) the data takes
+    asyncssh's normal path, in order. The SSH state it advances is exactly what asyncssh's
+    ``send_packet`` advances for a data packet: the sequence number, the GCM invocation counter, the
+    rekey byte count and the channel's send window.
+    """
+
+    __slots__ = ("conn", "_enc", "_aead")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self._enc: Any = None
+        self._aead: Any = None
+
+    @staticmethod
+    def supported(conn: Any) -> bool:
+        needed = ("_kex_complete", "_auth_complete", "_deferred_packets", "_compressor", "_send_encryption",
+                  "_send_seq", "_send_blocksize", "_send_enchdrlen", "_rekey_bytes_sent", "_rekey_bytes",
+                  "_rekey_seconds", "_rekey_time", "_send")
+        return all(hasattr(conn, a) for a in needed)
+
+    def _aead_for(self, enc: Any) -> Any:
+        if enc is not self._enc:
+            self._enc = enc
+            self._aead = None
+            cipher = getattr(enc, "_cipher", None)
+            if (type(enc).__name__ == "GCMEncryption" and type(cipher).__name__ == "GCMCipher"
+                    and hasattr(cipher, "_iv") and hasattr(cipher, "_update_iv")):
+                from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+                self._aead = AESGCM(cipher._key)
+        return self._aead
+
+    def send(self, chan: Any, data: bytes | bytearray | memoryview, head: bool = False) -> int:
+        """Send what the window allows of ``data`` directly; return the number of bytes sent.
+
+        ``head``: ``data`` is the head of the channel's own send buffer (flushed by ``flush``).
+        """
+        conn = self.conn
+        if (not conn._kex_complete or not conn._auth_complete or conn._deferred_packets
+                or conn._compressor is not None or conn._rekey_bytes_sent >= conn._rekey_bytes
+                or (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)):
+            return 0
+        if chan._send_chan is None or chan._send_window <= 0:
+            return 0
+        if not head and (chan._send_state != "open" or chan._send_buf):
+            return 0
+        enc = conn._send_encryption
+        aead = self._aead_for(enc)
+        if aead is None:
+            return 0
+        cipher = enc._cipher
+        view = memoryview(data)
+        total = len(data)
+        window = chan._send_window
+        pktmax = chan._send_pktsize
+        blocksize = conn._send_blocksize
+        enchdrlen = conn._send_enchdrlen
+        prefix = chan._send_chan.to_bytes(4, "big")
+        seq = conn._send_seq
+        iv = cipher._iv
+        fixed, counter = iv[:4], int.from_bytes(iv[4:], "big")  # GCMCipher._update_iv, inlined
+        rekey_bytes = 0
+        sent = 0
+        out: list[bytes] = []
+        while sent < total and window > 0:
+            size = min(total - sent, window, pktmax)
+            payload_len = 9 + size  # byte MSG_CHANNEL_DATA, uint32 recipient, uint32 length, data
+            padlen = -(enchdrlen + payload_len) % blocksize
+            if padlen < 4:
+                padlen += blocksize
+            body_len = 1 + payload_len + padlen
+            header = body_len.to_bytes(4, "big")
+            plaintext = b"".join((bytes((padlen, _MSG_CHANNEL_DATA)), prefix, size.to_bytes(4, "big"),
+                                  view[sent:sent + size], os.urandom(padlen)))
+            out.append(header)
+            out.append(aead.encrypt(fixed + counter.to_bytes(8, "big"), plaintext, header))
+            counter = (counter + 1) & 0xFFFFFFFFFFFFFFFF
+            seq = (seq + 1) & 0xFFFFFFFF
+            rekey_bytes += body_len
+            sent += size
+            window -= size
+        if not sent:
+            return 0
+        cipher._iv = fixed + counter.to_bytes(8, "big")
+        conn._send_seq = seq
+        conn._rekey_bytes_sent += rekey_bytes
+        chan._send_window = window
+        transport = conn._transport
+        if isinstance(transport, _CorkedTransport):
+            transport.write_many(out)
+        else:
+            conn._send(b"".join(out))
+        return sent
+
+    def install_flush(self, chan: Any) -> None:
+        """Route the channel's own buffer flush (after a window adjust) through ``send`` too."""
+        original = getattr(chan, "_flush_send_buf", None)
+        if original is None or not all(hasattr(chan, a) for a in ("_send_buf", "_send_buf_len", "_send_window")):
+            return
+
+        def flush() -> None:
+            buf = chan._send_buf
+            while buf and chan._send_window > 0:
+                data, datatype = buf[0]
+                if datatype is not None:
+                    break
+                sent = self.send(chan, data, head=True)
+                if not sent:
+                    break
+                chan._send_buf_len -= sent
+                if sent == len(data):
+                    del buf[0]
+                else:
+                    del data[:sent]
+            original()  # the rest (other data types, no window), EOF/close, pause/resume writing
+
+        chan._flush_send_buf = flush
+
+
 # -- a channel as asyncio streams ---------------------------------------------------------------
 
 class _ChannelTransport(asyncio.Transport):
     """An ``asyncio.Transport`` over one asyncssh TCP channel (for a real ``StreamWriter``)."""
 
-    def __init__(self, chan: Any, peer: str, endpoint: tuple[str, int]) -> None:
+    def __init__(self, chan: Any, peer: str, endpoint: tuple[str, int], direct: _DirectData | None) -> None:
         super().__init__()
         self._chan = chan
         self._peer = peer
         self._endpoint = endpoint
+        self._direct = direct
         self._closing = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` (any bytes-like object; it is not referenced after the call returns)."""
         if self._closing or not data:
             return
         try:
-            self._chan.write(bytes(data) if not isinstance(data, bytes) else data)
+            if self._direct is not None:
+                sent = self._direct.send(self._chan, data)
+                if sent:
+                    if sent == len(data):
+                        return
+                    data = memoryview(data)[sent:]
+            self._chan.write(data if isinstance(data, bytes) else bytes(data))
         except (BrokenPipeError, OSError):
             pass  # the channel is gone; connection_lost tells the reader and drain()
 
@@ -278,7 +420,10 @@ class _ChannelSession(asyncssh.SSHTCPSession):  # type: ignore[type-arg]
 
     def connection_made(self, chan: Any) -> None:
         cfg = self._tunnel.config
-        self.transport = _ChannelTransport(chan, cfg.name, (cfg.endpoint_host, cfg.endpoint_port))
+        direct = self._tunnel._direct
+        if direct is not None:
+            direct.install_flush(chan)
+        self.transport = _ChannelTransport(chan, cfg.name, (cfg.endpoint_host, cfg.endpoint_port), direct)
         self._tunnel.channels += 1
         self._tunnel.channels_opened += 1
         self._counted = True
@@ -329,6 +474,7 @@ class PeerTunnel:
     fast_path: bool = False
     up_since: float | None = None
     _conn: Any = None
+    _direct: _DirectData | None = None
     _task: asyncio.Task[None] | None = None
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
     _up: asyncio.Event = field(default_factory=asyncio.Event)
@@ -371,6 +517,8 @@ class PeerTunnel:
             keepalive_interval=cfg.keepalive_interval,
             keepalive_count_max=cfg.keepalive_count_max,
             x509_trusted_certs=None,
+            rekey_bytes=cfg.rekey_bytes,
+            rekey_seconds=cfg.rekey_seconds,
         )
 
     async def _run(self) -> None:
@@ -420,6 +568,7 @@ class PeerTunnel:
     async def _serve(self, conn: Any) -> None:
         cfg = self.config
         self.fast_path = _install_fast_path(conn) if cfg.fast_path else False
+        self._direct = _DirectData(conn) if self.fast_path and _DirectData.supported(conn) else None
         self.cipher = conn.get_extra_info("send_cipher")
         self._conn = conn
         if self._ever_up:
@@ -438,6 +587,7 @@ class PeerTunnel:
             rtt_task.cancel()
             self._up.clear()
             self._conn = None
+            self._direct = None
             self.state = "down"
         reason = "closed by sessiond" if self._closing.is_set() else "connection lost"
         if not self._closing.is_set():
