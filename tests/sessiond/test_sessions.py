@@ -15,13 +15,19 @@ from cloudlet.protocol import Status
 from sessiond_helpers import Backend, issue, wait_for
 
 
+@pytest.fixture(params=["protocol", "splice"])
+def relay(request: pytest.FixtureRequest) -> dict:
+    """Every semantic holds on the Protocol path and on the splice fast path (threshold 0)."""
+    return {"splice_threshold_bytes": -1 if request.param == "protocol" else 0}
+
+
 async def service(daemon, backend: Backend, name: str = "svc") -> int:  # type: ignore[no-untyped-def]
     entry, _ = await daemon.put_service(name, backend.address)
     return entry.port
 
 
-async def test_new_session_relays_both_ways(make_sessiond, backend: Backend) -> None:
-    a = await make_sessiond("a")
+async def test_new_session_relays_both_ways(relay: dict, make_sessiond, backend: Backend) -> None:
+    a = await make_sessiond("a", **relay)
     port = await service(a, backend)
     c = SessionClient("127.0.0.1", port, issue("svc"))
     reply = await c.open()
@@ -44,8 +50,8 @@ async def test_new_session_relays_both_ways(make_sessiond, backend: Backend) -> 
     await c.close()
 
 
-async def test_resume_after_fin_gets_bytes_sent_while_away_exactly_once_in_order(make_sessiond, backend: Backend) -> None:
-    a = await make_sessiond("a")
+async def test_resume_after_fin_gets_bytes_sent_while_away_exactly_once_in_order(relay: dict, make_sessiond, backend: Backend) -> None:
+    a = await make_sessiond("a", **relay)
     port = await service(a, backend)
     c = SessionClient("127.0.0.1", port, issue("svc"))
     await c.open()
@@ -87,11 +93,13 @@ async def test_resume_after_fin_gets_bytes_sent_while_away_exactly_once_in_order
     assert expected_records > 50
     assert a.metrics.resumes._value.get() == 1  # type: ignore[attr-defined]
     assert len(backend.conns) == 1  # the backend connection survived the detach
+    upgrades = a.metrics.splice_upgrades._value.get()  # type: ignore[attr-defined]
+    assert upgrades >= 1 if relay["splice_threshold_bytes"] == 0 else upgrades == 0
     await c.close()
 
 
-async def test_takeover_when_old_connection_never_closed(make_sessiond, backend: Backend) -> None:
-    a = await make_sessiond("a")
+async def test_takeover_when_old_connection_never_closed(relay: dict, make_sessiond, backend: Backend) -> None:
+    a = await make_sessiond("a", **relay)
     port = await service(a, backend)
     cred = issue("svc")
     old = SessionClient("127.0.0.1", port, cred)
@@ -116,8 +124,8 @@ async def test_takeover_when_old_connection_never_closed(make_sessiond, backend:
     await new.close()
 
 
-async def test_explicit_end_closes_backend_and_refuses_credential(make_sessiond, backend: Backend) -> None:
-    a = await make_sessiond("a")
+async def test_explicit_end_closes_backend_and_refuses_credential(relay: dict, make_sessiond, backend: Backend) -> None:
+    a = await make_sessiond("a", **relay)
     port = await service(a, backend)
     c = SessionClient("127.0.0.1", port, issue("svc"))
     await c.open()
@@ -131,8 +139,8 @@ async def test_explicit_end_closes_backend_and_refuses_credential(make_sessiond,
     assert a.manager.list_sessions() == []
 
 
-async def test_grace_expiry_ends_session_and_closes_upstream(make_sessiond, backend: Backend) -> None:
-    a = await make_sessiond("a", grace_seconds=0.3)
+async def test_grace_expiry_ends_session_and_closes_upstream(relay: dict, make_sessiond, backend: Backend) -> None:
+    a = await make_sessiond("a", **relay, grace_seconds=0.3)
     port = await service(a, backend)
     c = SessionClient("127.0.0.1", port, issue("svc"))
     await c.open()
@@ -146,8 +154,8 @@ async def test_grace_expiry_ends_session_and_closes_upstream(make_sessiond, back
     assert err.value.status == Status.SESSION_ENDED
 
 
-async def test_backend_close_reaches_attached_client(make_sessiond, backend: Backend) -> None:
-    a = await make_sessiond("a")
+async def test_backend_close_reaches_attached_client(relay: dict, make_sessiond, backend: Backend) -> None:
+    a = await make_sessiond("a", **relay)
     port = await service(a, backend)
     c = SessionClient("127.0.0.1", port, issue("svc"))
     await c.open()
@@ -159,8 +167,8 @@ async def test_backend_close_reaches_attached_client(make_sessiond, backend: Bac
     await wait_for(lambda: not a.manager.sessions, what="session ended")
 
 
-async def test_backend_close_while_detached_delivered_after_buffered_bytes(make_sessiond, backend: Backend) -> None:
-    a = await make_sessiond("a")
+async def test_backend_close_while_detached_delivered_after_buffered_bytes(relay: dict, make_sessiond, backend: Backend) -> None:
+    a = await make_sessiond("a", **relay)
     port = await service(a, backend)
     c = SessionClient("127.0.0.1", port, issue("svc"))
     await c.open()
@@ -179,9 +187,9 @@ async def test_backend_close_while_detached_delivered_after_buffered_bytes(make_
     assert err.value.status == Status.SESSION_ENDED
 
 
-async def test_detached_buffer_is_bounded_and_backend_is_paused(make_sessiond, backend: Backend) -> None:
+async def test_detached_buffer_is_bounded_and_backend_is_paused(relay: dict, make_sessiond, backend: Backend) -> None:
     limit = 64 * 1024
-    a = await make_sessiond("a", buffer_bytes=limit)
+    a = await make_sessiond("a", **relay, buffer_bytes=limit)
     port = await service(a, backend)
     c = SessionClient("127.0.0.1", port, issue("svc"))
     await c.open()
@@ -208,11 +216,13 @@ async def test_detached_buffer_is_bounded_and_backend_is_paused(make_sessiond, b
         assert data == (chunk * ((len(data) + got % len(chunk)) // len(chunk) + 2))[got % len(chunk) :][: len(data)]
         got += len(data)
     assert got == total
+    if relay["splice_threshold_bytes"] == 0:
+        assert a.metrics.splice_upgrades._value.get() >= 1  # type: ignore[attr-defined]
     await c.close()
 
 
-async def test_other_sessions_never_paused(make_sessiond, echo_backend: Backend, backend: Backend) -> None:
-    a = await make_sessiond("a", buffer_bytes=16 * 1024)
+async def test_other_sessions_never_paused(relay: dict, make_sessiond, echo_backend: Backend, backend: Backend) -> None:
+    a = await make_sessiond("a", **relay, buffer_bytes=16 * 1024)
     port = await service(a, backend, "push")
     eport = await service(a, echo_backend, "echo")
     stalled = SessionClient("127.0.0.1", port, issue("push"))
@@ -230,3 +240,38 @@ async def test_other_sessions_never_paused(make_sessiond, echo_backend: Backend,
         assert await asyncio.wait_for(other.recv_exactly(len(msg)), 5) == msg
     await other.close()
     await takeover.close()
+
+
+async def test_bulk_both_ways_intact_and_detach_mid_stream(relay: dict, make_sessiond, echo_backend: Backend) -> None:
+    """16 MiB through an echo backend while reading concurrently (the splice path upgrades here),
+    then a detach in the middle of the stream: nothing lost, nothing duplicated, order kept."""
+    a = await make_sessiond("a", **relay)
+    port = await service(a, echo_backend)
+    c = SessionClient("127.0.0.1", port, issue("svc"))
+    await c.open()
+    total = 16 * 1024 * 1024
+    pattern = bytes(i % 251 for i in range(1 << 16))
+
+    async def send() -> None:
+        sent = 0
+        while sent < total:
+            await c.send(pattern)
+            sent += len(pattern)
+
+    sender = asyncio.create_task(send())
+    got = bytearray()
+    while len(got) < total // 2:
+        got += await asyncio.wait_for(c.recv(), 10)
+    await sender
+    rest = await c.detach()  # mid-stream: the echo of the second half is partly in flight
+    assert rest is not None
+    await c.open()
+    while len(got) < total:
+        data = await asyncio.wait_for(c.recv(), 10)
+        assert data, "EOF before all echoed bytes arrived"
+        got += data
+    assert len(got) == total
+    assert bytes(got) == pattern * (total // len(pattern))
+    if relay["splice_threshold_bytes"] == 0:
+        assert a.metrics.splice_upgrades._value.get() >= 1  # type: ignore[attr-defined]
+    await c.close()

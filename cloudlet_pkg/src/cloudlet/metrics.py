@@ -27,6 +27,7 @@ class SessiondMetrics:
         self.refusals = Counter("cloudlet_refusals_total", "Connections refused, by status code", ["code"], registry=r)
         self.header_errors = Counter("cloudlet_header_errors_total", "Malformed, oversized, truncated or slow headers", registry=r)
         self.services = Gauge("cloudlet_services", "Services this sessiond listens for", registry=r)
+        self.splice_upgrades = Counter("cloudlet_splice_upgrades_total", "Attachments moved to the splice fast path", registry=r)
         self.buffered = Gauge("cloudlet_buffered_bytes", "Backend bytes held for detached sessions", registry=r)
         for s in ("attached", "detached", "forwarded"):
             self.sessions.labels(s)

@@ -59,6 +59,8 @@ class ServerConnection(asyncio.Protocol):
         if s is not None:  # the hot path
             s.upstream.transport.write(data)  # type: ignore[union-attr]
             s.bytes_up += len(data)
+            if s.bytes_up > s.splice_up:
+                s.try_splice()
             return
         f = self.forward
         if f is not None:

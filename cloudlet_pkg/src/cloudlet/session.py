@@ -24,6 +24,8 @@ from cloudlet import credentials
 from cloudlet.logs import event
 from cloudlet.metrics import SessiondMetrics
 from cloudlet.protocol import REPLY_RESUMED, REPLY_TOOK_OVER, Status, encode_reply
+from cloudlet.splice import AVAILABLE as SPLICE_AVAILABLE
+from cloudlet.splice import SpliceRelay
 
 if TYPE_CHECKING:
     from cloudlet.relay import ServerConnection
@@ -72,6 +74,8 @@ class UpstreamProtocol(asyncio.Protocol):
         if c is not None:
             c.transport.write(data)
             s.bytes_down += len(data)
+            if s.bytes_down > s.splice_down:
+                s.try_splice()
         else:
             s.hold(data)
 
@@ -116,11 +120,16 @@ class Session:
     bytes_down: int = 0
     counted_up: int = 0
     counted_down: int = 0
+    splice: SpliceRelay | None = None
+    splice_up: float = float("inf")  # byte counts at which to try the splice relay
+    splice_down: float = float("inf")
 
     # -- connection events -------------------------------------------------------------------
     def attach(self, conn: "ServerConnection", rest: bytes, via_peer: bool) -> None:
         """Give the session to ``conn`` (a new, resumed or taken-over attachment)."""
         m = self.manager
+        if self.splice is not None:
+            self.splice.leave()
         flags = 0
         resumed = self.state != CONNECTING
         old = self.client
@@ -154,6 +163,9 @@ class Session:
         if rest:
             self.bytes_up += len(rest)
             self.upstream.transport.write(rest)  # type: ignore[union-attr]
+        if m.splice_threshold is not None:
+            self.splice_up = self.bytes_up + m.splice_threshold
+            self.splice_down = self.bytes_down + m.splice_threshold
         self._update_upstream_reading()
         if not self.upstream_write_paused:
             t.resume_reading()
@@ -164,6 +176,8 @@ class Session:
         """The attached connection half-closed (``fin``) or dropped: detach, keep the session."""
         if self.client is not conn or self.state == ENDED:
             return
+        if self.splice is not None:
+            self.splice.leave()
         self.client = None
         conn.session = None
         self.client_write_paused = False
@@ -193,6 +207,8 @@ class Session:
     def backend_closed(self) -> None:
         if self.backend_eof or self.state == ENDED:
             return
+        if self.splice is not None:
+            self.splice.leave()
         self.backend_eof = True
         if self.client is not None:
             self.client.transport.close()  # flush, then pass the close on
@@ -209,6 +225,8 @@ class Session:
     def end(self, reason: str) -> None:
         if self.state == ENDED:
             return
+        if self.splice is not None:
+            self.splice.leave()
         self.state = ENDED
         if self.grace is not None:
             self.grace.cancel()
@@ -224,6 +242,35 @@ class Session:
             self.ready.set_exception(ConnectionError(f"session ended: {reason}"))
             self.ready.exception()  # mark retrieved
         self.manager.session_ended(self, reason)
+
+    # -- splice fast path --------------------------------------------------------------------
+    def try_splice(self) -> None:
+        """Upgrade a busy attachment to the splice relay when both transports are idle."""
+        self.splice_up = self.bytes_up + (1 << 20)  # if not now, retry a MiB later
+        self.splice_down = self.bytes_down + (1 << 20)
+        c, up = self.client, self.upstream
+        if c is None or up is None or up.transport is None or self.splice is not None:
+            return
+        ct, ut = c.transport, up.transport
+        if (ct.is_closing() or ut.is_closing() or ct.get_write_buffer_size() or ut.get_write_buffer_size()
+                or self.upstream_write_paused or self.client_write_paused or self.upstream_paused):
+            return
+        cs, us = ct.get_extra_info("socket"), ut.get_extra_info("socket")
+        if cs is None or us is None:
+            self.splice_up = self.splice_down = float("inf")
+            return
+        ct.pause_reading()
+        ut.pause_reading()
+        try:
+            relay = SpliceRelay(self, cs, us)
+        except OSError as exc:  # out of descriptors: stay on the Protocol path
+            ct.resume_reading()
+            ut.resume_reading()
+            event(log, logging.WARNING, "splice relay unavailable", session=self.id, error=str(exc))
+            return
+        self.splice = relay
+        relay.start()
+        self.manager.metrics.splice_upgrades.inc()
 
     # -- helpers -----------------------------------------------------------------------------
     def _update_upstream_reading(self) -> None:
@@ -298,6 +345,7 @@ class SessionManager:
         credential_lifetime: float = 86400.0,
         backend_connect_timeout: float = 5.0,
         connector: Any = None,
+        splice_threshold: int | None = 1 << 20,
     ) -> None:
         self.cloudlet = cloudlet
         self.secret = secret
@@ -309,6 +357,7 @@ class SessionManager:
         self.credential_lifetime = credential_lifetime
         self.backend_connect_timeout = backend_connect_timeout
         self.connector = connector
+        self.splice_threshold = splice_threshold if SPLICE_AVAILABLE else None
         self.loop = asyncio.get_running_loop()
         self.services: dict[str, ServiceEntry] = {}
         self.sessions: dict[str, Session] = {}

@@ -54,6 +54,7 @@ class SessiondConfig:
     backend_connect_timeout_seconds: float = 5.0
     peer_connect_timeout_seconds: float = 3.0
     peer_listen_allow_remote: bool = False
+    splice_threshold_bytes: int = 1048576
     log_level: str = "info"
     log_format: str = "json"
     peers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -163,6 +164,7 @@ class Sessiond:
             max_sessions=int(cfg.max_sessions), header_timeout=float(cfg.header_timeout_seconds),
             credential_lifetime=float(cfg.credential_lifetime_seconds),
             backend_connect_timeout=float(cfg.backend_connect_timeout_seconds), connector=connector,
+            splice_threshold=None if int(cfg.splice_threshold_bytes) < 0 else int(cfg.splice_threshold_bytes),
         )
         start = getattr(connector, "start", None)
         if start is not None:
