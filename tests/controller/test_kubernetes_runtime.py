@@ -91,6 +91,8 @@ async def test_create_list_delete(k8s: Target) -> None:
     assert inst.backend is not None and inst.backend.endswith(":7000")
     [listed] = await k8s.runtime.list()
     assert (listed.spec, listed.session_port, listed.backend, listed.state) == (s, 31010, inst.backend, "running")
+    assert await k8s.runtime.get("demo") == listed
+    assert await k8s.runtime.get("nope") is None
     assert await k8s.runtime.delete("demo") is True
     assert await k8s.runtime.delete("demo") is False
     assert await k8s.runtime.list() == []

@@ -68,8 +68,11 @@ async def test_create_labels_network_limits_and_delete(podman_socket: str, demo_
         assert [(i.spec, i.session_port, i.backend, i.state) for i in listed] == [
             (spec, 31555, inst.backend, "running")
         ]
+        assert await rt.get("demo") == listed[0]
+        assert await rt.get("nope") is None
         assert await rt.delete("demo") is True
         assert await rt.delete("demo") is False
+        assert await rt.get("demo") is None
         assert containers_of(cloudlet_name) == []
         assert await rt.list() == []
     finally:

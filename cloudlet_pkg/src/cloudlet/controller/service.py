@@ -86,10 +86,8 @@ class ServiceManager:
         return sorted(instances, key=lambda i: i.name)
 
     async def get(self, name: str) -> Instance | None:
-        for inst in await self.list():
-            if inst.name == name:
-                return inst
-        return None
+        inst: Instance | None = await self._runtime_call(self.runtime.get(name))
+        return inst
 
     def _port_free(self, port: int) -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

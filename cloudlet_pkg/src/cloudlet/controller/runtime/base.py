@@ -200,6 +200,9 @@ class Runtime(Protocol):
     async def list(self) -> list[Instance]:
         """Every service of this cloudlet, from the runtime's labels."""
 
+    async def get(self, name: str) -> Instance | None:
+        """One service of this cloudlet (cheaper than ``list``), or None."""
+
     async def ensure_running(self, instance: Instance) -> Instance:
         """Start a stopped service again (after a host reboot); return its fresh state."""
 

@@ -283,6 +283,25 @@ class KubernetesRuntime:
                 out.append(inst)
         return out
 
+    async def get(self, name: str) -> Instance | None:
+        obj = self.object_name(name)
+        try:
+            pod = await self._call(self.core.read_namespaced_pod, obj, self.namespace)
+        except KubernetesApiError as exc:
+            if exc.http_status == 404:
+                return None
+            raise
+        try:
+            svc = await self._call(self.core.read_namespaced_service, obj, self.namespace)
+            cluster_ip = svc.spec.cluster_ip if svc.spec else None
+        except KubernetesApiError as exc:
+            if exc.http_status != 404:
+                raise
+            cluster_ip = None
+        if (pod.metadata.labels or {}).get(LABEL_CLOUDLET) != self.cloudlet:
+            return None
+        return self._instance(pod, cluster_ip)
+
     def _instance(self, pod: Any, cluster_ip: str | None) -> Instance | None:
         meta = pod.metadata
         labels, annotations = meta.labels or {}, meta.annotations or {}

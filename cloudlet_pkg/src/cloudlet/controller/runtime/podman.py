@@ -281,35 +281,45 @@ class PodmanRuntime:
     async def list(self) -> list[Instance]:
         filters = json.dumps({"label": [f"{LABEL_CLOUDLET}={self.cloudlet}"]})
         _, items = await self._request("GET", "/containers/json", params={"all": "true", "filters": filters})
-        out: list[Instance] = []
-        for item in items or []:
-            labels = item.get("Labels") or {}
-            instance = await self._instance(item, labels)
-            if instance is not None:
-                out.append(instance)
-        return out
+        found = await asyncio.gather(*(self._get_ref(str(item.get("Id", ""))) for item in items or []))
+        return [inst for inst in found if inst is not None]
 
-    async def _instance(self, item: dict[str, Any], labels: dict[str, str]) -> Instance | None:
+    async def get(self, name: str) -> Instance | None:
+        return await self._get_ref(self.container_name(name))
+
+    async def _get_ref(self, ref: str) -> Instance | None:
+        try:
+            info = await self._inspect(ref)
+        except PodmanError as exc:
+            if exc.http_status == 404:  # gone (or removed between list and inspect)
+                return None
+            raise
+        return self._from_inspect(info)
+
+    def _from_inspect(self, info: dict[str, Any]) -> Instance | None:
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        if labels.get(LABEL_CLOUDLET) != self.cloudlet:
+            return None
         try:
             spec = ServiceSpec.from_json(json.loads(labels[LABEL_SPEC]))
             session_port = int(labels[LABEL_SESSION_PORT])
             created = float(labels.get(LABEL_CREATED, "0"))
         except (KeyError, ValueError, SpecError, TypeError) as exc:
             event(log, logging.WARNING, "container with unreadable cloudlet labels ignored",
-                  container=str(item.get("Id", ""))[:12], error=str(exc))
+                  container=str(info.get("Id", ""))[:12], error=str(exc))
             return None
         if labels.get(LABEL_SERVICE) != spec.name:
             return None
-        running = item.get("State") == "running"
-        backend = None
-        if running:
-            try:
-                ip = self._ip(await self._inspect(item["Id"]))
-            except PodmanError:
-                ip = None  # removed between list and inspect
-            backend = f"{ip}:{spec.port}" if ip else None
-        state = "running" if running and backend else ("starting" if item.get("State") in ("created", "configured", "initialized") else "failed")
-        return Instance(spec, session_port, state, backend, created, str(item.get("Id", "")))
+        status = (info.get("State") or {}).get("Status", "")
+        ip = self._ip(info) if status == "running" else None
+        backend = f"{ip}:{spec.port}" if ip else None
+        if backend:
+            state = "running"
+        elif status in ("created", "configured", "initialized"):
+            state = "starting"
+        else:
+            state = "failed"
+        return Instance(spec, session_port, state, backend, created, str(info.get("Id", "")))
 
     async def ensure_running(self, instance: Instance) -> Instance:
         if instance.state == "running":
