@@ -234,3 +234,32 @@ async def test_concurrent_creates(stack: Stack, demo_image: str) -> None:
     assert containers_of(stack.cloudlet) == [f"cloudlet-{stack.cloudlet}-c1", f"cloudlet-{stack.cloudlet}-c2"]
     reg = await stack.registered()
     assert {n: r["port"] for n, r in reg.items()} == ports
+
+
+async def test_session_keeps_the_demo_connection_state_across_a_detach(stack: Stack, demo_image: str) -> None:
+    from cloudlet.client import SessionClient
+
+    assert (await stack.api("PUT", "/v1/services/keep", demo_body(demo_image)))[0] == 201
+    status, sess = await stack.api("POST", "/v1/services/keep/sessions")
+    assert status == 201
+    client = SessionClient(sess["host"], sess["port"], sess["session"])
+    try:
+        await client.open()
+
+        async def line() -> str:
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = await asyncio.wait_for(client.recv(1), 10)
+                assert chunk, "session closed"
+                buf += chunk
+            return buf.decode().rstrip("\n")
+
+        assert (await line()).startswith("HELLO cloudlet-demo")
+        await client.send(b"INCR\nINCR\n")
+        assert [await line(), await line()] == ["COUNT 1", "COUNT 2"]
+        await client.detach()  # FIN: the session and its upstream connection stay
+        await client.resume()
+        await client.send(b"INCR\n")
+        assert await line() == "COUNT 3"  # same upstream connection, same per-connection state
+    finally:
+        await client.close()
