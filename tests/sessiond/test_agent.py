@@ -37,7 +37,7 @@ def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
             break
         except OSError:
             if proc.poll() is not None:
-                raise AssertionError("redis-server exited")
+                raise AssertionError("redis-server exited") from None
             import time
 
             time.sleep(0.05)
@@ -94,7 +94,7 @@ async def test_redis_cli_keeps_its_connection_across_switches(make_sessiond, red
             out, _ = await asyncio.wait_for(sw.communicate(), 30)
             assert sw.returncode == 0, out
             assert json.loads(out)["cloudlet"] == to and json.loads(out)["connected"] is True
-            assert await cli.cmd(f"INCR counter") == str(i + 1)
+            assert await cli.cmd("INCR counter") == str(i + 1)
             # same redis connection: the backend never saw a reconnect
             assert await cli.cmd("CLIENT ID") == client_id
             assert await cli.cmd("GET greeting") == "hello"

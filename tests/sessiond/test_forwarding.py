@@ -155,7 +155,6 @@ async def test_one_client_hands_over_the_other_sees_no_gap(make_sessiond) -> Non
             pass
 
     srv = await asyncio.start_server(ticker, "127.0.0.1", 0)
-    addr = "127.0.0.1:%d" % srv.sockets[0].getsockname()[1]
     be = Backend()
     be.server = srv
     daemons, ports = await fleet(make_sessiond, be, ("a", "b"))

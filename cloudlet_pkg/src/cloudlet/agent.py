@@ -46,7 +46,7 @@ class Agent:
     switches: int = 0
     last_switch_ms: float | None = None
     client: SessionClient | None = None
-    server: asyncio.AbstractServer | None = None
+    server: asyncio.Server | None = None
     _local: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     _down: asyncio.Task[None] | None = None
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -225,7 +225,8 @@ async def _run(args: argparse.Namespace) -> int:
     for name in (anchor, at):
         if name not in cloudlets:
             raise SystemExit(f"cloudlet {name!r} not given with --cloudlet")
-    cred = args.credential or (Path(args.credential_file).read_text().strip() if args.credential_file else os.environ.get("CLOUDLET_SESSION"))
+    cred = args.credential or (Path(args.credential_file).read_text().strip() if args.credential_file
+                               else os.environ.get("CLOUDLET_SESSION"))
     if not cred:
         raise SystemExit("give --credential-file, --credential or CLOUDLET_SESSION")
     agent = Agent(cred, cloudlets, anchor, at, parse_hostport(args.listen, "--listen"), args.control_socket,
@@ -306,4 +307,8 @@ def register(subparsers: Any) -> None:
     st = sub.add_parser("status", help="show the agent's cloudlet and connection")
     st.add_argument("--control-socket", default=DEFAULT_CONTROL, help=f"agent control socket (default {DEFAULT_CONTROL})")
     st.set_defaults(func=_status)
-    parser.set_defaults(func=lambda a: (parser.print_help(), 2)[1])
+    def _help(_: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=_help)

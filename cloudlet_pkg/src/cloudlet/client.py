@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 from cloudlet.protocol import Op, ProtocolError, Reply, Status, encode_header, read_reply
 
@@ -130,7 +131,8 @@ class SessionClient:
         new connection takes the session over); ``close()`` releases it later.
         """
         if self.writer is not None:
-            self.writer.transport.pause_reading()
+            transport: Any = self.writer.transport
+            transport.pause_reading()
             self._abandoned.append(self.writer)
         self.reader = self.writer = None
 

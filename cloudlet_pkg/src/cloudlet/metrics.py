@@ -13,11 +13,13 @@ class SessiondMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.sessions = Gauge("cloudlet_sessions", "Sessions by state (attached, detached, forwarded)", ["state"], registry=r)
+        self.sessions = Gauge("cloudlet_sessions", "Sessions by state (attached, detached, forwarded)", ["state"],
+                              registry=r)
         self.sessions_started = Counter("cloudlet_sessions_started_total", "Sessions started on this cloudlet (anchor)", registry=r)
         self.sessions_ended = Counter("cloudlet_sessions_ended_total", "Sessions ended, by reason", ["reason"], registry=r)
         self.resumes = Counter("cloudlet_session_resumes_total", "Detached sessions resumed by a new connection", registry=r)
-        self.takeovers = Counter("cloudlet_session_takeovers_total", "Attached sessions taken over by a new connection (no FIN)", registry=r)
+        self.takeovers = Counter("cloudlet_session_takeovers_total",
+                                 "Attached sessions taken over by a new connection (no FIN)", registry=r)
         self.handovers = Counter(
             "cloudlet_handovers_total",
             "Forwarded connections: out = this cloudlet forwarded to a peer, in = arrived on the peer endpoint",

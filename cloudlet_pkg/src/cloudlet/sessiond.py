@@ -318,9 +318,9 @@ class Sessiond:
         host, port = parse_hostport(self.config.metrics_listen, "metrics_listen")
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the bound port
-        if server is not None and server.sockets:  # type: ignore[union-attr]
-            self.metrics_address = server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
+        server: Any = site._server  # aiohttp has no public accessor for the bound port
+        if server is not None and server.sockets:
+            self.metrics_address = server.sockets[0].getsockname()[:2]
         self._runners.append(runner)
 
     async def _h_health(self, request: web.Request) -> web.Response:
