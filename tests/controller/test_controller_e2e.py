@@ -263,3 +263,24 @@ async def test_session_keeps_the_demo_connection_state_across_a_detach(stack: St
         assert await line() == "COUNT 3"  # same upstream connection, same per-connection state
     finally:
         await client.close()
+
+
+async def test_reconcile_starts_a_stopped_container_again(stack: Stack, demo_image: str) -> None:
+    from .conftest import podman
+
+    status, svc = await stack.api("PUT", "/v1/services/boot", demo_body(demo_image))
+    assert status == 201
+    podman("stop", "-t", "0", f"cloudlet-{stack.cloudlet}-boot")  # as after a host reboot
+
+    async def running_again() -> bool:
+        _, got = await stack.api("GET", "/v1/services/boot")
+        reg = (await stack.registered()).get("boot")
+        return got["state"] == "running" and reg is not None and reg["backend"] == got["backend"]
+
+    await poll(running_again, 30, "reconcile to start the container and register its backend")
+    _, reader, writer = await open_session(stack, "boot")
+    writer.write(b"PING\n")
+    assert await read_line(reader) == "PONG"
+    writer.close()
+    assert containers_of(stack.cloudlet) == [f"cloudlet-{stack.cloudlet}-boot"]
+    assert (await stack.registered())["boot"]["port"] == svc["session_port"]
