@@ -165,3 +165,17 @@ def test_readiness_probe_only_targets_local_links(tmp_path) -> None:
     assert on_local_link("10.89.1.7", str(table))
     assert not on_local_link("10.89.2.7", str(table))  # only the default route: never probe it
     assert not on_local_link("not-an-ip", str(table))
+
+
+async def test_foreign_container_with_the_same_name_is_a_clear_conflict(podman_socket: str, demo_image: str, cloudlet_name: str) -> None:
+    name = f"cloudlet-{cloudlet_name}-demo"
+    podman("create", "--name", name, "--label", f"cloudlet.cloudlet={cloudlet_name}", demo_image)
+    rt = PodmanRuntime(cloudlet_name, podman_socket)
+    try:
+        assert await rt.get("demo") is None  # no readable spec label: not one of ours
+        with pytest.raises(Exception, match=f"podman rm -f {name}") as info:
+            await rt.create(demo_spec(demo_image), 31561, ready_timeout=10)
+        assert getattr(info.value, "code", None) == "conflict" and getattr(info.value, "status", None) == 409
+        assert containers_of(cloudlet_name) == [name]  # the foreign container is left alone
+    finally:
+        await rt.close()

@@ -185,6 +185,13 @@ class PodmanRuntime:
         except PodmanError as exc:
             if "image not known" in exc.api_message:
                 raise ImageNotFound(f"image {spec.image!r} not found in local podman storage") from exc
+            if exc.http_status == 409 or "already in use" in exc.api_message:
+                conflict = RuntimeFailure(
+                    f"a container named {name} exists but is not a readable service of cloudlet "
+                    f"{self.cloudlet}; remove it (podman rm -f {name}) and retry: {exc.api_message}"
+                )
+                conflict.code, conflict.status = "conflict", 409
+                raise conflict from exc
             raise
         container_id = str(info.get("Id", name)) if isinstance(info, dict) else name
         event(log, logging.INFO, "container created", service=spec.name, container=container_id[:12])
