@@ -283,6 +283,9 @@ def _cmd(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"== {msg}", file=sys.stderr, flush=True)
 
+    if not 1 <= args.runs <= 100:
+        print("cloudlet bench launch: --runs must be 1..100", file=sys.stderr)
+        return 2
     image = args.image
     if image == DEMO_IMAGE:
         try:
