@@ -39,3 +39,22 @@ async def test_cat_list_end(tmp_path, secret_file, echo_backend: Backend) -> Non
         assert rc == 3 and b"BAD_CREDENTIAL" in err
     finally:
         stop_process(sp)
+
+
+async def test_cat_exits_when_the_backend_closes_with_stdin_open(make_sessiond) -> None:
+    async def bye(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"bye\n")
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(bye, "127.0.0.1", 0)
+    a = await make_sessiond("a")
+    entry, _ = await a.put_service("bye", "127.0.0.1:%d" % srv.sockets[0].getsockname()[1])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cloudlet", "session", "cat", "--address", f"127.0.0.1:{entry.port}",
+        "--credential", issue("bye"), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    out = await asyncio.wait_for(proc.stdout.read(), 30)  # stdin stays open: the close must end it
+    assert out == b"bye\n"
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+    srv.close()

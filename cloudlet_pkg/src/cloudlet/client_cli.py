@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 from typing import Any
 
 from cloudlet.client import SessionClient, SessionRefused, end_session
@@ -46,7 +47,7 @@ async def _cat(args: argparse.Namespace) -> int:
     if args.verbose:
         print(f"cloudlet session cat: {reply.message}", file=sys.stderr)
     out = sys.stdout.buffer
-    stdin = sys.stdin.buffer
+    stdin_fd = sys.stdin.fileno()
     loop = asyncio.get_running_loop()
     last_rx = [loop.time()]
 
@@ -60,9 +61,24 @@ async def _cat(args: argparse.Namespace) -> int:
             out.flush()
 
     down = asyncio.create_task(downstream())
+    chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
+
+    def read_stdin() -> None:  # a daemon thread: never keeps the command alive after the session ends
+        while True:
+            data = os.read(stdin_fd, 65536)  # raw fd: no buffer lock held at interpreter exit
+            asyncio.run_coroutine_threadsafe(chunks.put(data), loop).result()
+            if not data:
+                return
+
+    threading.Thread(target=read_stdin, daemon=True).start()
     try:
         while True:
-            data = await asyncio.to_thread(stdin.read1, 65536)  # type: ignore[union-attr]
+            getter = asyncio.ensure_future(chunks.get())
+            await asyncio.wait({getter, down}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break  # the server closed the session
+            data = getter.result()
             if not data:
                 break
             await client.send(data)
