@@ -199,3 +199,49 @@ async def test_one_client_hands_over_the_other_sees_no_gap(make_sessiond) -> Non
     await mover.close()
     await steady.close()
     srv.close()
+
+
+async def test_handover_between_real_sessiond_processes(tmp_path, secret_file, backend: Backend) -> None:
+    """Two `cloudlet sessiond` processes with a tcp peer: a FIN move a -> b and back keeps one
+    backend connection and every byte in order; a move without FIN is taken over by the anchor."""
+    from sessiond_helpers import api, start_sessiond_process, stop_process
+
+    a = await start_sessiond_process(tmp_path / "a", secret_file, "a")
+    b = None
+    try:
+        _, health = await api(a.control_socket, "GET", "/v1/health")
+        b = await start_sessiond_process(tmp_path / "b", secret_file, "b",
+                                         peers={"a": {"transport": "tcp", "address": health["peer_listen"]}})
+        ports = {}
+        for name, sp in (("a", a), ("b", b)):
+            status, svc = await api(sp.control_socket, "PUT", "/v1/services/svc", {"backend": backend.address, "listen": "127.0.0.1"})
+            assert status == 200
+            ports[name] = svc["port"]
+        client = SessionClient("127.0.0.1", ports["a"], issue("svc"))
+        await client.open()
+        be = await backend.next_conn()
+        be.writer.write(b"A1")
+        assert await client.recv_exactly(2) == b"A1"
+        await client.detach()
+        be.writer.write(b"held")  # sent while the device is between cloudlets
+        reply = await client.handover("127.0.0.1", ports["b"], target="a")
+        assert reply.resumed
+        assert await client.recv_exactly(4) == b"held"
+        await client.send(b"via-b")
+        assert await be.read_exactly(5) == b"via-b"
+        _, sessions_b = await api(b.control_socket, "GET", "/v1/sessions")
+        assert [s["state"] for s in sessions_b["sessions"]] == ["forwarded"]
+        _, peers = await api(b.control_socket, "GET", "/v1/peers")
+        assert peers["peers"][0]["name"] == "a" and peers["peers"][0]["state"] == "up"
+        reply = await client.handover("127.0.0.1", ports["a"], target="", fin=False)  # no FIN: takeover
+        assert reply.took_over
+        be.writer.write(b"back-home")
+        assert await client.recv_exactly(9) == b"back-home"
+        assert len(backend.conns) == 1
+        assert (await client.end()).ok
+        assert await asyncio.wait_for(be.reader.read(10), 5) == b""
+        await client.close()
+    finally:
+        if b is not None:
+            stop_process(b)
+        stop_process(a)
