@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from cloudlet.hop import PeerError
 from cloudlet.protocol import Status
-from cloudlet.tunnel import PeerUnavailable, SshPeerConnector, TunnelConfigError
+from cloudlet.tunnel import READER_LIMIT, PeerUnavailable, SshPeerConnector, TunnelConfigError
 from cloudlet.tunnel_sshd import TunnelSshd
 
 pytestmark = pytest.mark.sshd
@@ -155,6 +155,39 @@ async def test_fast_path_survives_many_rekeys(sshd: TunnelSshd) -> None:
         assert "rekey" not in (c.status()[0]["last_error"] or "")
     finally:
         await c.close()
+
+
+async def test_slow_reader_gets_every_byte_in_order_with_bounded_buffering(sshd_factory) -> None:  # type: ignore[no-untyped-def]
+    """The peer pushes 24 MB; the reader stalls, then drains: back-pressure through the SSH window."""
+    blob = hashlib.sha256(b"seed").digest() * (24 * 1024 * 1024 // 32)
+
+    async def push(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for i in range(0, len(blob), 1 << 20):
+                writer.write(blob[i:i + (1 << 20)])
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        writer.close()
+
+    pusher = await asyncio.start_server(push, "127.0.0.1", 0)
+    sshd = sshd_factory(f"127.0.0.1:{pusher.sockets[0].getsockname()[1]}")
+    c = await connector_for(("a", sshd.peer_table("a", window=1 << 20, **FAST)))
+    try:
+        assert await c.wait_up(15), c.status()
+        reader, writer = await c.open("a")
+        chan = writer.transport.get_extra_info("ssh_channel")
+        await asyncio.sleep(1.0)  # the reader does not read: the peer must stop at the window
+        buffered = len(reader._buffer) + sum(len(d) for d, _ in chan._recv_buf)  # type: ignore[attr-defined]
+        assert buffered <= (1 << 20) + 2 * READER_LIMIT + 64 * 1024, buffered  # window + reader limit
+        got = bytearray()
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 30):
+            got += chunk
+        assert len(got) == len(blob) and hashlib.sha256(got).digest() == hashlib.sha256(blob).digest()
+        writer.close()
+    finally:
+        await c.close()
+        pusher.close()
 
 
 # -- the restricted tunnel account -------------------------------------------------------------------

@@ -46,6 +46,9 @@ DEFAULT_CIPHERS: tuple[str, ...] = (
 )
 
 _MSG_IGNORE = 2
+# The channel's StreamReader pauses the channel (no more window adjusts) above 2 * READER_LIMIT, so
+# one forwarded session buffers at most ``window`` + 2 * READER_LIMIT bytes of peer data.
+READER_LIMIT = 256 * 1024
 _MSG_CHANNEL_DATA = 94
 _EMPTY_STRING = b"\x00\x00\x00\x00"  # SSH string b"": the payload of asyncssh's inserted IGNORE
 
@@ -86,7 +89,7 @@ class SshPeerConfig:
     backoff_max: float = 10.0
     rtt_interval: float = 5.0
     ciphers: tuple[str, ...] = DEFAULT_CIPHERS
-    window: int = 4 * 1024 * 1024
+    window: int = 2 * 1024 * 1024
     max_pktsize: int = 32768
     rekey_bytes: int = 1 << 30
     rekey_seconds: float = 3600.0
@@ -331,6 +334,139 @@ class _DirectData:
         chan._flush_send_buf = flush
 
 
+class _DirectRecv:
+    """Receive side of the fast path: AES-GCM channel data packets decrypted and delivered straight
+    from the received bytes.
+
+    asyncssh keeps its input in a ``bytes`` buffer and re-slices the remainder twice per packet, so
+    a 256 KiB read is copied about eight times over before its eight packets are processed. Here,
+    in steady state (key exchange complete, an AES-GCM cipher, no decompression, asyncssh between
+    packets), complete ``SSH_MSG_CHANNEL_DATA`` packets for open channels are decrypted in place and
+    given to the channel (``_accept_data``: window accounting, pause buffering and window adjusts
+    stay asyncssh's). The first packet of any other kind (window adjust, EOF, close, replies, key
+    exchange), or one that fails any check or its tag, is handed to asyncssh untouched, with the
+    sequence number and GCM counter not advanced, so asyncssh processes it (and reports errors) as
+    it would have. A partial packet at the end of a read waits here for the next read.
+    """
+
+    CHUNK = 40 * 1024  # feed asyncssh at most this much at a time (its buffer copies grow with it)
+
+    __slots__ = ("conn", "original", "pending", "_enc", "_aead")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.original = conn.data_received
+        self.pending = b""
+        self._enc: Any = None
+        self._aead: Any = None
+
+    @staticmethod
+    def supported(conn: Any) -> bool:
+        needed = ("data_received", "_inpbuf", "_packet", "_recv_handler", "_recv_pkthdr", "_recv_packet",
+                  "_recv_encryption", "_recv_seq", "_decompressor", "_max_recv_pktlen", "_channels",
+                  "_kex_complete", "_auth_complete", "_reset_keepalive_timer", "_transport")
+        return all(hasattr(conn, a) for a in needed)
+
+    def install(self) -> None:
+        self.conn.data_received = self.data_received
+
+    def _aead_for(self, enc: Any) -> Any:
+        if enc is not self._enc:
+            self._enc = enc
+            self._aead = None
+            cipher = getattr(enc, "_cipher", None)
+            if (type(enc).__name__ == "GCMEncryption" and type(cipher).__name__ == "GCMCipher"
+                    and hasattr(cipher, "_iv")):
+                from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+                self._aead = AESGCM(cipher._key)
+        return self._aead
+
+    def _take_over(self) -> bytes | None:
+        """If asyncssh sits between packets (or holds an undecrypted partial one), take its buffered
+        bytes back and return them; None if the fast path cannot run now."""
+        conn = self.conn
+        if (not conn._kex_complete or not conn._auth_complete or conn._decompressor is not None
+                or self._aead_for(conn._recv_encryption) is None):
+            return None
+        handler = conn._recv_handler
+        if handler == conn._recv_pkthdr:
+            tail = conn._inpbuf
+        elif handler == conn._recv_packet:
+            tail = conn._packet + conn._inpbuf  # GCM leaves the first block undecrypted
+        else:
+            return None  # asyncssh is waiting for an asynchronous packet handler
+        conn._inpbuf = b""
+        conn._packet = b""
+        conn._recv_handler = conn._recv_pkthdr
+        return bytes(tail)
+
+    def data_received(self, data: bytes, datatype: Any = None) -> None:
+        conn = self.conn
+        buf = self.pending + data if self.pending else data
+        self.pending = b""
+        while buf:
+            if conn._transport is None:
+                return
+            tail = self._take_over()
+            if tail is not None:
+                if tail:
+                    buf = tail + buf
+                used, partial = self._run(buf)
+                if partial:
+                    self.pending = bytes(buf[used:])
+                    return
+                buf = buf[used:]
+                if not buf:
+                    return
+            piece, buf = buf[:self.CHUNK], buf[self.CHUNK:]
+            self.original(piece)
+
+    def _run(self, buf: bytes) -> tuple[int, bool]:
+        """Process leading channel data packets; return (bytes used, stopped at a partial packet)."""
+        conn = self.conn
+        enc = conn._recv_encryption
+        aead = self._aead
+        cipher = enc._cipher
+        channels = conn._channels
+        maxlen = conn._max_recv_pktlen
+        view = memoryview(buf)
+        total = len(buf)
+        off = 0
+        conn._reset_keepalive_timer()
+        from cryptography.exceptions import InvalidTag
+
+        while True:
+            if total - off < 4:
+                return off, True
+            pktlen = int.from_bytes(view[off:off + 4], "big")
+            if pktlen > maxlen:
+                return off, False  # asyncssh raises 'Max packet size exceeded'
+            end = off + 4 + pktlen + 16
+            if end > total:
+                return off, True
+            iv = cipher._iv
+            try:
+                plain = aead.decrypt(iv, view[off + 4:end], view[off:off + 4])
+            except InvalidTag:
+                return off, False  # asyncssh reports the MAC failure
+            if len(plain) < 10 or plain[1] != _MSG_CHANNEL_DATA:
+                return off, False
+            padlen = plain[0]
+            chan = channels.get(int.from_bytes(plain[2:6], "big"))
+            datalen = int.from_bytes(plain[6:10], "big")
+            if (chan is None or 10 + datalen + padlen != len(plain) or getattr(chan, "_recv_state", None) != "open"
+                    or datalen > chan._recv_window):
+                return off, False  # asyncssh raises the right protocol error
+            counter = (int.from_bytes(iv[4:], "big") + 1) & 0xFFFFFFFFFFFFFFFF
+            cipher._iv = iv[:4] + counter.to_bytes(8, "big")
+            conn._recv_seq = (conn._recv_seq + 1) & 0xFFFFFFFF
+            off = end
+            chan._accept_data(memoryview(plain)[10:10 + datalen])
+            if conn._transport is None or conn._recv_encryption is not enc or not conn._kex_complete:
+                return off, False
+
+
 # -- a channel as asyncio streams ---------------------------------------------------------------
 
 class _ChannelTransport(asyncio.Transport):
@@ -569,6 +705,8 @@ class PeerTunnel:
         cfg = self.config
         self.fast_path = _install_fast_path(conn) if cfg.fast_path else False
         self._direct = _DirectData(conn) if self.fast_path and _DirectData.supported(conn) else None
+        if self.fast_path and _DirectRecv.supported(conn):
+            _DirectRecv(conn).install()
         self.cipher = conn.get_extra_info("send_cipher")
         self._conn = conn
         if self._ever_up:
@@ -618,7 +756,7 @@ class PeerTunnel:
             why = f": {self.last_error}" if self.last_error else ""
             raise PeerUnavailable(f"SSH tunnel to peer {cfg.name!r} ({cfg.host}:{cfg.port}) is {self.state}{why}")
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=2**20, loop=loop)
+        reader = asyncio.StreamReader(limit=READER_LIMIT, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
             async with asyncio.timeout(cfg.open_timeout):  # no extra task, unlike wait_for (3.11)

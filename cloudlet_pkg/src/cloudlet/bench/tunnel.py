@@ -4,7 +4,8 @@ One run starts its own sshd (private config, host key, restricted tunnel key, fr
 see ``cloudlet.tunnel_sshd``), a sink process that counts bytes, and measures:
 
 - ``openssh_gbps``: a source process sends N MB into OpenSSH ``ssh -N -L`` (compression off, the same
-  cipher) -> sshd -> sink, until the sink acknowledges every byte;
+  cipher) -> sshd -> sink, until the sink acknowledges every byte (``down_*``: the sink sends N MB
+  back the other way, counted by the client);
 - ``asyncssh_gbps``: the same source and sink through ``SshPeerConnector``: a local listener in this
   process opens one channel per connection on the warm tunnel and pipes it (what sessiond does for a
   forwarded session);
@@ -36,10 +37,25 @@ import socket, sys, threading
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", 0)); s.listen(128)
 print(s.getsockname()[1], flush=True)
+block = b"\xa5" * (1 << 20)
 def handle(c):
-    n = 0
     try:
-        while True:
+        mode = c.recv(1)
+        if mode == b"D":  # download: 8-byte count, then that many bytes, then close
+            want = b""
+            while len(want) < 8:
+                more = c.recv(8 - len(want))
+                if not more:
+                    return
+                want += more
+            left = int.from_bytes(want, "big")
+            while left > 0:
+                chunk = block if left >= len(block) else block[:left]
+                c.sendall(chunk)
+                left -= len(chunk)
+            return
+        n = len(mode)  # upload: count until EOF, answer the count
+        while mode:
             b = c.recv(1 << 20)
             if not b:
                 break
@@ -47,7 +63,8 @@ def handle(c):
         c.sendall(str(n).encode())
     except OSError:
         pass
-    c.close()
+    finally:
+        c.close()
 while True:
     c, _ = s.accept()
     threading.Thread(target=handle, args=(c,), daemon=True).start()
@@ -55,18 +72,29 @@ while True:
 
 SOURCE = r"""
 import socket, sys, time
-port, total = int(sys.argv[1]), int(sys.argv[2])
-buf = b"\x5a" * (1 << 20)
+port, total, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 c = socket.create_connection(("127.0.0.1", port))
 t = time.perf_counter()
-sent = 0
-while sent < total:
-    c.sendall(buf)
-    sent += len(buf)
-c.shutdown(socket.SHUT_WR)
-ack = c.recv(64)
+if mode == "up":
+    buf = b"\x5a" * (1 << 20)
+    sent = 0
+    while sent < total:
+        c.sendall(buf)
+        sent += len(buf)
+    c.shutdown(socket.SHUT_WR)
+    ack = c.recv(64)
+    got = int(ack.decode() or "0")
+else:
+    c.sendall(b"D" + total.to_bytes(8, "big"))
+    sent, got = total, 0
+    buf = bytearray(1 << 20)
+    while True:
+        n = c.recv_into(buf)
+        if not n:
+            break
+        got += n
 dt = time.perf_counter() - t
-print(sent, ack.decode() or "0", dt)
+print(sent, got, dt)
 """
 
 TARGET_RATIO = 0.8
@@ -98,8 +126,8 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None =
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
 
 
-async def _source(port: int, nbytes: int) -> Run:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", SOURCE, str(port), str(nbytes),
+async def _source(port: int, nbytes: int, mode: str = "up") -> Run:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", SOURCE, str(port), str(nbytes), mode,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     if proc.returncode != 0:
@@ -107,7 +135,7 @@ async def _source(port: int, nbytes: int) -> Run:
     sent_s, acked_s, dt_s = out.decode().split()
     sent, acked, dt = int(sent_s), int(acked_s), float(dt_s)
     if acked != sent:
-        raise RuntimeError(f"sink acknowledged {acked} of {sent} bytes")
+        raise RuntimeError(f"{mode}: {acked} of {sent} bytes arrived")
     return Run(gbps=sent * 8 / dt / 1e9, seconds=dt)
 
 
@@ -248,13 +276,13 @@ async def _connector(sshd: Any, cipher: str, fast_path: bool = True) -> Any:
     return c
 
 
-async def _throughput_asyncssh(sshd: Any, cipher: str, nbytes: int, fast_path: bool = True) -> Run:
+async def _throughput_asyncssh(sshd: Any, cipher: str, nbytes: int, fast_path: bool = True, mode: str = "up") -> Run:
     c = await _connector(sshd, cipher, fast_path)
     fwd = _Forwarder(c, "bench")
     await fwd.start()
     try:
         cpu = time.process_time()
-        run = await _source(fwd.port, nbytes)
+        run = await _source(fwd.port, nbytes, mode)
         run.cpu_s_per_gb = (time.process_time() - cpu) / (nbytes / 1e9)
         return run
     finally:
@@ -262,11 +290,11 @@ async def _throughput_asyncssh(sshd: Any, cipher: str, nbytes: int, fast_path: b
         await c.close()
 
 
-async def _throughput_openssh(sshd: Any, cipher: str, sink_port: int, nbytes: int) -> Run:
+async def _throughput_openssh(sshd: Any, cipher: str, sink_port: int, nbytes: int, mode: str = "up") -> Run:
     proc, local = _openssh(sshd, cipher, sink_port)
     try:
         cpu = _proc_cpu(proc.pid)
-        run = await _source(local, nbytes)
+        run = await _source(local, nbytes, mode)
         run.cpu_s_per_gb = (_proc_cpu(proc.pid) - cpu) / (nbytes / 1e9)
         return run
     finally:
@@ -331,6 +359,12 @@ async def run_bench(megabytes: int, rounds: int, cipher: str, compare_ciphers: b
                      f"asyncssh {asyncssh_runs[-1].gbps:.3f} Gbps")
         naive = await _throughput_asyncssh(sshd, cipher, nbytes, fast_path=False)
         progress(f"asyncssh without the fast path: {naive.gbps:.3f} Gbps")
+        down_o: list[Run] = []
+        down_a: list[Run] = []
+        for _ in range(max(1, rounds - 1)):
+            down_o.append(await _throughput_openssh(sshd, cipher, sink_port, nbytes, "down"))
+            down_a.append(await _throughput_asyncssh(sshd, cipher, nbytes, mode="down"))
+            progress(f"download: openssh {down_o[-1].gbps:.3f} Gbps, asyncssh {down_a[-1].gbps:.3f} Gbps")
         ciphers: dict[str, dict[str, float]] = {}
         if compare_ciphers:
             small = max(nbytes // 2, 1 << 20)
@@ -356,6 +390,11 @@ async def run_bench(megabytes: int, rounds: int, cipher: str, compare_ciphers: b
             "channel_open_ms_p90": round(_p(open_ms, 0.9), 3),
             "cold_connect_ms_p50": round(statistics.median(cold_ms), 3),
             "asyncssh_no_fast_path_gbps": round(naive.gbps, 3),
+            "down_openssh_gbps": round(max(r.gbps for r in down_o), 3),
+            "down_asyncssh_gbps": round(max(r.gbps for r in down_a), 3),
+            "down_ratio_vs_openssh": round(max(r.gbps for r in down_a) / max(r.gbps for r in down_o), 3),
+            "down_openssh_cpu_s_per_gb": round(statistics.median(r.cpu_s_per_gb for r in down_o), 3),
+            "down_asyncssh_cpu_s_per_gb": round(statistics.median(r.cpu_s_per_gb for r in down_a), 3),
             "openssh_gbps_rounds": [round(r.gbps, 3) for r in openssh_runs],
             "asyncssh_gbps_rounds": [round(r.gbps, 3) for r in asyncssh_runs],
             "ciphers": ciphers,
@@ -410,7 +449,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         for key in ("openssh_gbps", "asyncssh_gbps", "ratio_vs_openssh", "ratio_paired_median",
                     "openssh_cpu_s_per_gb", "asyncssh_cpu_s_per_gb", "channel_open_ms_p50",
-                    "channel_open_ms_p90", "cold_connect_ms_p50", "asyncssh_no_fast_path_gbps"):
+                    "channel_open_ms_p90", "cold_connect_ms_p50", "asyncssh_no_fast_path_gbps",
+                    "down_openssh_gbps", "down_asyncssh_gbps", "down_ratio_vs_openssh"):
             print(f"{key:28} {result[key]}")
         for name, figures in result["ciphers"].items():
             print(f"{name:28} openssh {figures['openssh_gbps']} Gbps, asyncssh {figures['asyncssh_gbps']} Gbps")
@@ -425,7 +465,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    parser.add_argument("--megabytes", type=int, default=256, help="MiB sent per throughput round (default 256)")
+    parser.add_argument("--megabytes", type=int, default=192, help="MiB sent per throughput round (default 192)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating OpenSSH/asyncssh rounds (default 3)")
     parser.add_argument("--cipher", default="aes128-gcm@openssh.com", help="cipher of both sides (default aes128-gcm)")
     parser.add_argument("--no-cipher-compare", action="store_true",
