@@ -4,7 +4,7 @@
 COLLECTION_DIR := collections/ansible_collections/cloudlet/fleet
 COLLECTION_LINT_PATHS := $(COLLECTION_DIR) playbooks/example_launch.yml
 
-.PHONY: test-collection test-collection-unit test-collection-integration lint-collection sanity-collection
+.PHONY: test-collection test-collection-unit test-collection-integration lint-collection
 
 test-collection: test-collection-unit test-collection-integration ## cloudlet.fleet: module unit tests + real ansible-playbook integration
 

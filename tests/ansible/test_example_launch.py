@@ -15,7 +15,7 @@ import pytest
 
 from cloudlet.client import attach
 
-from conftest import Fleet, containers_of, podman
+from ansible_fleet import Fleet, containers_of, podman
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
