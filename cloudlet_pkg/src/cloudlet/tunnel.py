@@ -351,7 +351,7 @@ class _DirectRecv:
 
     CHUNK = 40 * 1024  # feed asyncssh at most this much at a time (its buffer copies grow with it)
 
-    __slots__ = ("conn", "original", "pending", "_enc", "_aead")
+    __slots__ = ("conn", "original", "pending", "_enc", "_aead", "_keepalive_reset")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
@@ -359,6 +359,7 @@ class _DirectRecv:
         self.pending = b""
         self._enc: Any = None
         self._aead: Any = None
+        self._keepalive_reset = 0.0
 
     @staticmethod
     def supported(conn: Any) -> bool:
@@ -433,7 +434,10 @@ class _DirectRecv:
         view = memoryview(buf)
         total = len(buf)
         off = 0
-        conn._reset_keepalive_timer()
+        now = time.monotonic()
+        if now - self._keepalive_reset > 0.2:  # a timer re-arm per read costs more than the data here
+            self._keepalive_reset = now
+            conn._reset_keepalive_timer()
         from cryptography.exceptions import InvalidTag
 
         while True:
