@@ -275,3 +275,57 @@ async def test_bulk_both_ways_intact_and_detach_mid_stream(relay: dict, make_ses
     if relay["splice_threshold_bytes"] == 0:
         assert a.metrics.splice_upgrades._value.get() >= 1  # type: ignore[attr-defined]
     await c.close()
+
+
+async def test_after_fin_attach_overtaking_the_fin_drains_the_old_connection(relay: dict, make_sessiond, backend: Backend) -> None:
+    """The new connection's ATTACH (flag AFTER_FIN) reaches the anchor before the old connection's
+    FIN: the old one is drained, not aborted; upstream order holds (old's last bytes first)."""
+    from cloudlet.protocol import HEADER_AFTER_FIN, encode_header, read_reply
+
+    a = await make_sessiond("a", **relay)
+    port = await service(a, backend)
+    cred = issue("svc")
+    old = SessionClient("127.0.0.1", port, cred)
+    await old.open()
+    be = await backend.next_conn()
+    be.writer.write(b"before-switch|")
+    assert await old.recv_exactly(14) == b"before-switch|"
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(encode_header(cred, flags=HEADER_AFTER_FIN) + b"new-up")  # the old FIN is not sent yet
+    reply = await asyncio.wait_for(read_reply(r), 5)
+    assert reply.ok and reply.resumed and not reply.took_over
+    be.writer.write(b"after-switch")
+    assert await asyncio.wait_for(r.readexactly(12), 5) == b"after-switch"  # downstream moved at once
+    await asyncio.sleep(0.1)
+    assert be.reader._buffer == b""  # type: ignore[attr-defined]  # new's bytes wait for old's FIN
+    await old.send(b"old-last|")
+    assert old.writer is not None
+    old.writer.write_eof()
+    assert await be.read_exactly(15) == b"old-last|new-up"
+    assert await asyncio.wait_for(old.reader.read(10), 5) == b""  # type: ignore[union-attr]  # old closed cleanly
+    w.write(b"+more")
+    assert await be.read_exactly(5) == b"+more"
+    assert a.metrics.takeovers._value.get() == 0  # type: ignore[attr-defined]
+    w.close()
+    await old.close()
+
+
+async def test_after_fin_without_the_fin_falls_back_to_takeover(relay: dict, make_sessiond, backend: Backend) -> None:
+    from cloudlet.protocol import HEADER_AFTER_FIN, encode_header, read_reply
+
+    a = await make_sessiond("a", **relay, header_timeout_seconds=0.5)
+    port = await service(a, backend)
+    cred = issue("svc")
+    old = SessionClient("127.0.0.1", port, cred)
+    await old.open()
+    be = await backend.next_conn()
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(encode_header(cred, flags=HEADER_AFTER_FIN) + b"waiting")
+    assert (await asyncio.wait_for(read_reply(r), 5)).ok
+    # the old connection never sends its FIN: after the header timeout it is aborted and the new one read
+    assert await be.read_exactly(7, timeout=10) == b"waiting"
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        if not await asyncio.wait_for(old.reader.read(10), 5):  # type: ignore[union-attr]
+            raise ConnectionError("closed")
+    w.close()
+    await old.close()

@@ -20,7 +20,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudlet.protocol import Op, ProtocolError, Reply, Status, encode_header, read_reply
+from cloudlet.protocol import HEADER_AFTER_FIN, Op, ProtocolError, Reply, Status, encode_header, read_reply
 
 READ_SIZE = 256 * 1024
 
@@ -35,14 +35,14 @@ class SessionRefused(Exception):
 
 
 async def attach(host: str, port: int, credential: str, target: str = "", *, op: Op = Op.ATTACH,
-                 timeout: float = 10.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Reply]:
+                 timeout: float = 10.0, flags: int = 0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Reply]:
     """Connect and send a header; returns the streams and the OK reply or raises ``SessionRefused``."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=READ_SIZE), timeout)
     try:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        writer.write(encode_header(credential, target, op))
+        writer.write(encode_header(credential, target, op, flags=flags))
         reply = await asyncio.wait_for(read_reply(reader), timeout)
     except BaseException:
         writer.close()
@@ -137,13 +137,45 @@ class SessionClient:
         self.reader = self.writer = None
 
     async def handover(self, host: str, port: int, target: str = "", *, fin: bool = True) -> Reply:
-        """Move to another sessiond: detach (FIN) or drop the old connection, then resume there."""
-        if fin:
-            await self.detach()
-        else:
-            self.drop()
+        """Move to another sessiond, keeping every byte exactly once and in order.
+
+        With ``fin`` (a clean move) the old connection is half-closed and, *at the same time*, the
+        new one attaches with the AFTER_FIN flag; the old one is read to EOF (kept for ``recv``)
+        before anything from the new one. Whichever reaches the anchor first, the anchor switches
+        the stream at one point: everything before it on the old connection, the rest on the new.
+        Without ``fin`` the old connection is abandoned and the anchor takes the session over.
+        """
         self.host, self.port, self.target = host, port, target
-        return await self.open()
+        if not fin or self.writer is None or self.reader is None:
+            self.drop()
+            return await self.open()
+        old_reader, old_writer = self.reader, self.writer
+        self.reader = self.writer = None
+        if old_writer.can_write_eof():
+            old_writer.write_eof()
+
+        async def drain() -> bytes:
+            out = bytearray()
+            while chunk := await asyncio.wait_for(old_reader.read(READ_SIZE), self.timeout):
+                out += chunk
+            return bytes(out)
+
+        drained = asyncio.ensure_future(drain())
+        try:
+            reader, writer, reply = await attach(host, port, self.credential, target, timeout=self.timeout,
+                                                 flags=HEADER_AFTER_FIN)
+        except BaseException:
+            drained.cancel()
+            old_writer.close()
+            raise
+        try:
+            self._pending += await drained
+        except (OSError, asyncio.TimeoutError):
+            pass  # the old path broke: what it still carried is lost, as without FIN
+        finally:
+            old_writer.close()
+        self.reader, self.writer, self.last_reply = reader, writer, reply
+        return reply
 
     async def resume(self) -> Reply:
         """Reattach to the same place after a drop or a detach."""

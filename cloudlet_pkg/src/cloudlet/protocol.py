@@ -7,7 +7,8 @@ A client connection starts with a header::
     4      1    version (1)
     5      1    mode   (0 = raw stream; 1 = framed, reserved)
     6      1    op     (1 = ATTACH, 2 = END)
-    7      1    flags  (reserved, 0)
+    7      1    flags  (bit 0 AFTER_FIN: the client has just half-closed its previous connection of
+                           this session, see docs/protocol.md; other bits reserved, 0)
     8      2    credential length (big endian, 1..MAX_CREDENTIAL_LEN)
     10     2    target length     (big endian, 0..MAX_TARGET_LEN)
     12     n    credential (ASCII)
@@ -46,6 +47,9 @@ MAX_REPLY_LEN = REPLY_FIXED.size + MAX_MESSAGE_LEN
 DEFAULT_HEADER_TIMEOUT = 5.0
 LOCAL_TARGETS = frozenset({"", "0.0.0.0"})
 TARGET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+HEADER_AFTER_FIN = 0x01
+HEADER_KNOWN_FLAGS = HEADER_AFTER_FIN
 
 REPLY_RESUMED = 0x01
 REPLY_TOOK_OVER = 0x02
@@ -95,13 +99,18 @@ class Header:
     credential: str
     target: str = ""
     mode: Mode = Mode.RAW
+    flags: int = 0
 
     @property
     def is_local(self) -> bool:
         return self.target in LOCAL_TARGETS
 
+    @property
+    def after_fin(self) -> bool:
+        return bool(self.flags & HEADER_AFTER_FIN)
+
     def encode(self) -> bytes:
-        return encode_header(self.credential, self.target, self.op, self.mode)
+        return encode_header(self.credential, self.target, self.op, self.mode, self.flags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +135,15 @@ class Reply:
         return encode_reply(self.status, self.message, self.flags)
 
 
-def encode_header(credential: str, target: str = "", op: Op = Op.ATTACH, mode: Mode = Mode.RAW) -> bytes:
+def encode_header(credential: str, target: str = "", op: Op = Op.ATTACH, mode: Mode = Mode.RAW,
+                  flags: int = 0) -> bytes:
     cred = credential.encode("ascii")
     tgt = target.encode("ascii")
     if not 0 < len(cred) <= MAX_CREDENTIAL_LEN:
         raise ValueError(f"credential length {len(cred)} not in 1..{MAX_CREDENTIAL_LEN}")
     if len(tgt) > MAX_TARGET_LEN:
         raise ValueError(f"target length {len(tgt)} over {MAX_TARGET_LEN}")
-    return HEADER_FIXED.pack(MAGIC, VERSION, int(mode), int(op), 0, len(cred), len(tgt)) + cred + tgt
+    return HEADER_FIXED.pack(MAGIC, VERSION, int(mode), int(op), flags, len(cred), len(tgt)) + cred + tgt
 
 
 def encode_reply(status: Status, message: str = "", flags: int = 0) -> bytes:
@@ -166,7 +176,7 @@ class HeaderParser:
                 raise ProtocolError(Status.BAD_HEADER, "bad magic: not a cloudlet session header")
             self._buf = buf
             return None
-        magic, version, mode, op, _flags, cred_len, target_len = HEADER_FIXED.unpack_from(buf)
+        magic, version, mode, op, flags, cred_len, target_len = HEADER_FIXED.unpack_from(buf)
         if magic != MAGIC:
             raise ProtocolError(Status.BAD_HEADER, "bad magic: not a cloudlet session header")
         if version != VERSION:
@@ -191,7 +201,7 @@ class HeaderParser:
             raise ProtocolError(Status.BAD_HEADER, "credential and target must be ASCII") from None
         _check_target(target)
         self._buf = b""
-        return Header(Op(op), credential, target, Mode(mode)), buf[total:]
+        return Header(Op(op), credential, target, Mode(mode), flags & HEADER_KNOWN_FLAGS), buf[total:]
 
 
 def parse_reply(data: bytes) -> tuple[Reply, bytes] | None:

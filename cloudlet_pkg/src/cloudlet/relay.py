@@ -164,7 +164,7 @@ class ServerConnection(asyncio.Protocol):
                 self.transport.write(encode_reply(Status.OK, "session ended" if existed else "no live session; credential retired"))
                 self.transport.close()
                 return
-            await m.attach(self, cred, service, rest, via_peer)
+            await m.attach(self, cred, service, rest, via_peer, header.after_fin)
             if via_peer:
                 m.metrics.handovers.labels("in").inc()
         except Refused as exc:
@@ -182,7 +182,7 @@ class ServerConnection(asyncio.Protocol):
         except PeerError as exc:
             raise Refused(exc.status, str(exc)) from None
         try:
-            writer.write(encode_header(header.credential, "", header.op))
+            writer.write(encode_header(header.credential, "", header.op, flags=header.flags))
             reply = await asyncio.wait_for(read_reply(reader), m.header_timeout + m.backend_connect_timeout)
         except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as exc:
             _close_writer(writer)

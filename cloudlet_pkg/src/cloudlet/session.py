@@ -95,7 +95,7 @@ class UpstreamProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         s = self.session
         s.upstream_write_paused = False
-        if s.client is not None and not s.client.transport.is_closing():
+        if s.client is not None and s.draining is None and not s.client.transport.is_closing():
             s.client.transport.resume_reading()
 
 
@@ -121,19 +121,36 @@ class Session:
     counted_up: int = 0
     counted_down: int = 0
     splice: SpliceRelay | None = None
+    draining: "ServerConnection | None" = None  # the previous connection, until its FIN arrives
+    drain_timer: asyncio.TimerHandle | None = None
+    held_up: bytes = b""  # bytes that came behind the new connection's header while draining
     splice_up: float = float("inf")  # byte counts at which to try the splice relay
     splice_down: float = float("inf")
 
     # -- connection events -------------------------------------------------------------------
-    def attach(self, conn: "ServerConnection", rest: bytes, via_peer: bool) -> None:
-        """Give the session to ``conn`` (a new, resumed or taken-over attachment)."""
+    def attach(self, conn: "ServerConnection", rest: bytes, via_peer: bool, after_fin: bool = False) -> None:
+        """Give the session to ``conn`` (a new, resumed or taken-over attachment).
+
+        ``after_fin``: the client has half-closed its previous connection and reads it to EOF, so
+        if that connection is still attached here (its FIN is still on the way) it is *drained*
+        rather than aborted: backend bytes go to ``conn`` from now on, the old connection is closed
+        after its FIN (what it still carries goes upstream first), and ``conn`` is read only then.
+        """
         m = self.manager
         if self.splice is not None:
             self.splice.leave()
+        if self.draining is not None:
+            self._drain_done(self.draining, fin=False, abort=True)
         flags = 0
         resumed = self.state != CONNECTING
         old = self.client
-        if old is not None and old is not conn:
+        if old is not None and old is not conn and after_fin and not old.lost:
+            self.draining = old  # old.session stays: its remaining bytes still go upstream
+            self.drain_timer = m.loop.call_later(m.header_timeout, self._drain_expired)
+            m.metrics.resumes.inc()
+            event(log, logging.INFO, "session handed to a new connection; draining the old one",
+                  session=self.id, service=self.service.name)
+        elif old is not None and old is not conn:
             flags |= REPLY_TOOK_OVER
             old.session = None
             old.transport.abort()
@@ -160,20 +177,25 @@ class Session:
             t.close()  # backend already gone: deliver what was held, then EOF
             self.end("backend_closed")
             return
-        if rest:
+        if rest and self.draining is not None:
+            self.held_up = rest
+        elif rest:
             self.bytes_up += len(rest)
             self.upstream.transport.write(rest)  # type: ignore[union-attr]
         if m.splice_threshold is not None:
             self.splice_up = self.bytes_up + m.splice_threshold
             self.splice_down = self.bytes_down + m.splice_threshold
         self._update_upstream_reading()
-        if not self.upstream_write_paused:
+        if not self.upstream_write_paused and self.draining is None:
             t.resume_reading()
         event(log, logging.INFO, "session resumed" if resumed else "session attached",
               session=self.id, service=self.service.name, via_peer=via_peer, took_over=bool(flags & REPLY_TOOK_OVER))
 
     def client_gone(self, conn: "ServerConnection", fin: bool) -> None:
         """The attached connection half-closed (``fin``) or dropped: detach, keep the session."""
+        if conn is self.draining:
+            self._drain_done(conn, fin)
+            return
         if self.client is not conn or self.state == ENDED:
             return
         if self.splice is not None:
@@ -188,6 +210,33 @@ class Session:
         self._update_upstream_reading()
         self.manager.count_bytes(self)
         event(log, logging.INFO, "session detached", session=self.id, service=self.service.name, fin=fin)
+
+    def _drain_done(self, old: "ServerConnection", fin: bool, abort: bool = False) -> None:
+        """The drained connection sent its FIN (or broke): close it, start reading the new one."""
+        self.draining = None
+        old.session = None
+        if self.drain_timer is not None:
+            self.drain_timer.cancel()
+            self.drain_timer = None
+        if abort:
+            old.transport.abort()
+        elif fin:
+            old.transport.close()  # flush what was written before the switch, then FIN
+        if self.held_up:
+            held, self.held_up = self.held_up, b""
+            up = self.upstream
+            if up is not None and up.transport is not None and not up.transport.is_closing():
+                self.bytes_up += len(held)
+                up.transport.write(held)
+        c = self.client
+        if c is not None and not self.upstream_write_paused and self.splice is None and not c.transport.is_closing():
+            c.transport.resume_reading()
+
+    def _drain_expired(self) -> None:
+        self.drain_timer = None
+        if self.draining is not None:
+            event(log, logging.INFO, "old connection sent no FIN in time; aborted", session=self.id)
+            self._drain_done(self.draining, fin=False, abort=True)
 
     def client_write_pressure(self, conn: "ServerConnection", paused: bool) -> None:
         if self.client is conn:
@@ -227,6 +276,8 @@ class Session:
             return
         if self.splice is not None:
             self.splice.leave()
+        if self.draining is not None:
+            self._drain_done(self.draining, fin=True)
         self.state = ENDED
         if self.grace is not None:
             self.grace.cancel()
@@ -249,7 +300,7 @@ class Session:
         self.splice_up = self.bytes_up + (1 << 20)  # if not now, retry a MiB later
         self.splice_down = self.bytes_down + (1 << 20)
         c, up = self.client, self.upstream
-        if c is None or up is None or up.transport is None or self.splice is not None:
+        if c is None or up is None or up.transport is None or self.splice is not None or self.draining is not None:
             return
         ct, ut = c.transport, up.transport
         if (ct.is_closing() or ut.is_closing() or ct.get_write_buffer_size() or ut.get_write_buffer_size()
@@ -379,7 +430,7 @@ class SessionManager:
 
     # -- attach ------------------------------------------------------------------------------
     async def attach(self, conn: "ServerConnection", cred: credentials.Credential, service: ServiceEntry,
-                     rest: bytes, via_peer: bool) -> None:
+                     rest: bytes, via_peer: bool, after_fin: bool = False) -> None:
         s = self.sessions.get(cred.nonce)
         if s is None:
             if cred.nonce in self.tombstones:
@@ -420,7 +471,7 @@ class SessionManager:
             raise Refused(Status.SESSION_ENDED, "this session has ended")
         if s.service is not service:
             raise Refused(Status.WRONG_SERVICE, "session belongs to another instance of this service")
-        s.attach(conn, rest, via_peer)
+        s.attach(conn, rest, via_peer, after_fin)
         if conn.lost:
             s.client_gone(conn, fin=False)
 

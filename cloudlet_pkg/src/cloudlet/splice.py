@@ -168,7 +168,8 @@ class SpliceRelay:
                 s.client.transport.write(to_client)
             else:
                 s.hold(to_client)
-        if s.client is not None and not s.client.transport.is_closing() and not s.upstream_write_paused:
+        if (s.client is not None and not s.client.transport.is_closing() and not s.upstream_write_paused
+                and s.draining is None):
             s.client.transport.resume_reading()
 
     def eof(self, direction: _Direction) -> None:

@@ -95,7 +95,7 @@ async def run_kind(fleet: Fleet, ports: dict[str, int], fin: bool, moves: int, i
     await asyncio.sleep(0.2)
     route = ["b", "c", "a"]
     marks: list[tuple[float, int]] = []  # (move start, records received before it)
-    phases: list[tuple[float, float]] = []  # (detach ms, attach ms)
+    move_ms: list[float] = []  # how long client.handover() took
     for i in range(moves):
         await asyncio.sleep(interval)
         if task.done():
@@ -105,14 +105,8 @@ async def run_kind(fleet: Fleet, ports: dict[str, int], fin: bool, moves: int, i
         await asyncio.gather(task, return_exceptions=True)
         marks.append((time.perf_counter(), len(rx.seqs)))
         t0 = time.perf_counter()
-        if fin:
-            await client.detach()
-        else:
-            client.drop()
-        t1 = time.perf_counter()
-        client.host, client.port, client.target = "127.0.0.1", ports[to], "" if to == "a" else "a"
-        await client.open()
-        phases.append(((t1 - t0) * 1000, (time.perf_counter() - t1) * 1000))
+        await client.handover("127.0.0.1", ports[to], target="" if to == "a" else "a", fin=fin)
+        move_ms.append((time.perf_counter() - t0) * 1000)
         task = asyncio.create_task(receive())
     await asyncio.sleep(0.3)
     task.cancel()
@@ -138,8 +132,7 @@ async def run_kind(fleet: Fleet, ports: dict[str, int], fin: bool, moves: int, i
         "gap_ms_max": round(max(gaps), 3) if gaps else None,
         "bytes_lost": lost * RECORD.size,
         "bytes_duplicated": dup * RECORD.size,
-        "detach_ms_p50": round(statistics.median(p[0] for p in phases), 3) if phases else None,
-        "attach_ms_p50": round(statistics.median(p[1] for p in phases), 3) if phases else None,
+        "move_ms_p50": round(statistics.median(move_ms), 3) if move_ms else None,
         "records_received": len(rx.seqs),
         "partial_bytes_skipped": rx.skipped,
     }
