@@ -101,6 +101,20 @@ async def test_example_playbook_launches_on_every_cloudlet_idempotently_and_remo
     run, info = fleet2.module(host, "cloudlet.fleet.service_info", {}, env=env)
     assert [s["name"] for s in info["services"]] == ["echo"], run.output
 
+    # recreate=true replaces the service with the new spec: a new container, listening on 7001.
+    new_spec = '{"example_launch_port": 7001, "example_launch_env": {"PORT": "7001"}, "example_launch_recreate": true}'
+    recreated = fleet2.playbook("-e", new_spec)
+    assert recreated.returncode == 0, recreated.output
+    assert recreated.changed() == {name: 1 for name in names}, recreated.output
+    for stack in fleet2.stacks:
+        status, service = await stack.api("GET", "/v1/services/echo")
+        assert status == 200 and service["port"] == 7001 and service["env"] == {"PORT": "7001"}, service
+        assert service["state"] == "running"
+        new_ids = container_ids(stack.cloudlet)
+        assert len(new_ids) == 1 and new_ids != ids[stack.cloudlet]
+    recreated_again = fleet2.playbook("-e", new_spec)
+    assert recreated_again.changed() == {name: 0 for name in names}, recreated_again.output
+
     absent = fleet2.playbook("-e", "example_launch_state=absent")
     assert absent.returncode == 0, absent.output
     assert absent.changed() == {name: 1 for name in names}, absent.output
