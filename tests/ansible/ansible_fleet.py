@@ -118,8 +118,10 @@ class Fleet:
             ANSIBLE_REMOTE_TEMP=str(self.dir / "ansible-tmp"),
             ANSIBLE_RETRY_FILES_ENABLED="0",
         )
-        env.pop("CLOUDLET_CONTROLLER_URL", None)
-        env.pop("CLOUDLET_CONTROLLER_TOKEN", None)
+        # Only the test's own loopback controllers are contacted: no proxy, no outside settings.
+        for name in ("CLOUDLET_CONTROLLER_URL", "CLOUDLET_CONTROLLER_TOKEN", "http_proxy", "HTTP_PROXY",
+                     "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+            env.pop(name, None)
         env.update(extra)
         return env
 
