@@ -153,3 +153,30 @@ async def test_bad_config_is_a_clear_error(tmp_path, secret_file) -> None:
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2 and b"not a loopback address" in out
+
+
+async def test_sessiond_tells_systemd_it_is_ready(tmp_path, secret_file) -> None:
+    """Type=notify units: sessiond sends READY=1 to $NOTIFY_SOCKET once it listens."""
+    import socket as _socket
+
+    from sessiond_helpers import write_config
+
+    notify = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    cfg = tmp_path / "sessiond.toml"
+    write_config(cfg, {"cloudlet": "a", "secret_file": str(secret_file), "control_socket": str(tmp_path / "s.sock"),
+                       "state_dir": str(tmp_path / "state"), "peer_listen": "127.0.0.1:0", "metrics_listen": ""})
+    import os
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cloudlet", "sessiond", "--config", str(cfg),
+                                                env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    try:
+        msg = await asyncio.to_thread(notify.recv, 100)
+        assert msg == b"READY=1"
+        status, health = await api(str(tmp_path / "s.sock"), "GET", "/v1/health")
+        assert status == 200 and health["metrics_listen"] is None
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 15)
+        notify.close()
