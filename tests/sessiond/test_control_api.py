@@ -180,3 +180,44 @@ async def test_sessiond_tells_systemd_it_is_ready(tmp_path, secret_file) -> None
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 15)
         notify.close()
+
+
+async def test_real_process_splice_path_under_uvloop(tmp_path, secret_file, echo_backend: Backend) -> None:
+    """The daemon as deployed (uvloop, default splice threshold): 24 MiB echoed intact with a detach
+    and resume in the middle, and the splice fast path was taken."""
+    sp = await start_sessiond_process(tmp_path / "a", secret_file, "a", metrics_listen="127.0.0.1:0")
+    try:
+        status, svc = await api(sp.control_socket, "PUT", "/v1/services/echo",
+                                {"backend": echo_backend.address, "listen": "127.0.0.1"})
+        assert status == 200
+        c = SessionClient("127.0.0.1", svc["port"], issue("echo"))
+        await c.open()
+        pattern = bytes(i % 253 for i in range(1 << 16))
+        total = 24 * 1024 * 1024
+        got = bytearray()
+
+        async def send() -> None:
+            for _ in range(total // len(pattern)):
+                await c.send(pattern)
+
+        sender = asyncio.create_task(send())
+        while len(got) < total // 2:
+            got += await asyncio.wait_for(c.recv(), 20)
+        await sender
+        await c.detach()
+        await c.open()
+        while len(got) < total:
+            data = await asyncio.wait_for(c.recv(), 20)
+            assert data
+            got += data
+        assert bytes(got) == pattern * (total // len(pattern))
+        _, health = await api(sp.control_socket, "GET", "/v1/health")
+        url = "http://%s/metrics" % health["metrics_listen"]
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        upgrades = [line for line in text.splitlines() if line.startswith("cloudlet_splice_upgrades_total ")]
+        assert upgrades and float(upgrades[0].split()[1]) >= 1, upgrades
+        started = [json.loads(line) for line in sp.log().splitlines() if '"sessiond started"' in line]
+        assert started[0]["loop"] == "uvloop"
+        await c.close()
+    finally:
+        stop_process(sp)

@@ -181,7 +181,8 @@ class Sessiond:
         await self._restore_services()
         event(log, logging.INFO, "sessiond started", cloudlet=cfg.cloudlet, peer_listen=self.peer_address,
               control_socket=cfg.control_socket, metrics_listen=self.metrics_address,
-              services=len(m.services), peers=sorted(cfg.peers))
+              services=len(m.services), peers=sorted(cfg.peers),
+              loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
 
     async def stop(self) -> None:
         if self.manager is not None:
