@@ -245,3 +245,25 @@ async def test_handover_between_real_sessiond_processes(tmp_path, secret_file, b
         if b is not None:
             stop_process(b)
         stop_process(a)
+
+
+async def test_client_handover_by_name_and_resume_after_a_drop(make_sessiond, backend: Backend) -> None:
+    daemons, ports = await fleet(make_sessiond, backend, ("a", "b"))
+    client = SessionClient("127.0.0.1", ports["a"], issue("svc"), anchor="a",
+                           cloudlets={n: ("127.0.0.1", p) for n, p in ports.items()})
+    await client.open()
+    be = await backend.next_conn()
+    assert (await client.handover(to="b")).resumed
+    assert client.target == "a" and client.port == ports["b"]
+    be.writer.write(b"via-b")
+    assert await client.recv_exactly(5) == b"via-b"
+    client.drop()  # the link is gone without FIN; the device comes back on the same cloudlet
+    reply = await client.resume()
+    assert reply.ok and reply.took_over
+    be.writer.write(b"again")
+    assert await client.recv_exactly(5) == b"again"
+    assert (await client.handover(to="a")).resumed and client.target == ""
+    with pytest.raises(KeyError):
+        await client.handover(to="zz")
+    assert len(backend.conns) == 1
+    await client.close()

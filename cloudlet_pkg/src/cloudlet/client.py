@@ -8,6 +8,9 @@ Example::
     await c.handover("10.0.0.2", 31001, target="a")         # to cloudlet B, naming the anchor
     await c.end()
 
+or with names: ``SessionClient(..., cloudlets={"a": ("10.0.0.1", 31001), "b": ("10.0.0.2", 31001)},
+anchor="a")`` and ``await c.handover(to="b")`` (the target is set to the anchor for you).
+
 A clean move (``detach``/``handover``) half-closes the old connection and reads it to EOF, so every
 byte the backend sent arrives exactly once and in order: what came on the old connection first
 (kept in the client and returned by ``recv`` before anything else), then the held bytes on the new one.
@@ -67,6 +70,8 @@ class SessionClient:
     credential: str
     target: str = ""
     timeout: float = 10.0
+    cloudlets: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> session port there
+    anchor: str = ""  # the cloudlet that issued the credential (for handover(to=...))
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     last_reply: Reply | None = None
@@ -136,7 +141,8 @@ class SessionClient:
             self._abandoned.append(self.writer)
         self.reader = self.writer = None
 
-    async def handover(self, host: str, port: int, target: str = "", *, fin: bool = True) -> Reply:
+    async def handover(self, host: str | None = None, port: int | None = None, target: str = "", *,
+                       to: str | None = None, fin: bool = True) -> Reply:
         """Move to another sessiond, keeping every byte exactly once and in order.
 
         With ``fin`` (a clean move) the old connection is half-closed and, *at the same time*, the
@@ -144,7 +150,15 @@ class SessionClient:
         before anything from the new one. Whichever reaches the anchor first, the anchor switches
         the stream at one point: everything before it on the old connection, the rest on the new.
         Without ``fin`` the old connection is abandoned and the anchor takes the session over.
+        ``to`` names a cloudlet of ``cloudlets`` instead of ``host``/``port``/``target``.
         """
+        if to is not None:
+            if to not in self.cloudlets:
+                raise KeyError(f"unknown cloudlet {to!r} (known: {', '.join(sorted(self.cloudlets))})")
+            host, port = self.cloudlets[to]
+            target = "" if to == self.anchor else self.anchor
+        if host is None or port is None:
+            raise ValueError("handover needs host and port, or to=NAME")
         self.host, self.port, self.target = host, port, target
         if not fin or self.writer is None or self.reader is None:
             self.drop()
