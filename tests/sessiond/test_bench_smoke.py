@@ -1,0 +1,37 @@
+"""The benchmark commands run end to end and report what they promise (tiny sizes; no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def bench(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "cloudlet", "bench", *args, "--json"], capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_bench_proxy_reports_every_figure() -> None:
+    if not shutil.which("socat"):
+        pytest.skip("socat not installed (Debian package socat): it is the baseline")
+    r = bench("proxy", "--gib", "0.03", "--rounds", "1", "--pings", "50", "--idle", "200")
+    for key in ("direct_gbps", "socat_gbps", "session_gbps", "ratio_vs_direct", "ratio_vs_socat",
+                "added_latency_us_p50", "added_latency_us_p99", "idle_session_kib"):
+        assert isinstance(r[key], (int, float)), key
+    assert r["direct_gbps"] > 0 and r["session_gbps"] > 0 and r["socat_gbps"] > 0
+    assert r["idle_sessions"] == 200
+
+
+def test_bench_handover_fin_moves_lose_nothing() -> None:
+    r = bench("handover", "--moves", "4", "--interval", "0.05")
+    assert r["kinds"]["fin"]["moves"] == 4 and r["kinds"]["no_fin"]["moves"] == 4
+    assert r["bytes_lost"] == 0 and r["bytes_duplicated"] == 0
+    assert r["kinds"]["no_fin"]["bytes_duplicated"] == 0
+    for key in ("gap_ms_p50", "gap_ms_p99", "gap_ms_max"):
+        assert r[key] > 0
