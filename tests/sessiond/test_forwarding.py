@@ -267,3 +267,28 @@ async def test_client_handover_by_name_and_resume_after_a_drop(make_sessiond, ba
         await client.handover(to="zz")
     assert len(backend.conns) == 1
     await client.close()
+
+
+async def test_silent_peer_is_refused_in_bounded_time(make_sessiond, backend: Backend) -> None:
+    """A peer that accepts but never answers (hung sessiond) costs a bounded wait, then PEER_UNAVAILABLE."""
+    silent_conns: list[asyncio.StreamWriter] = []
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        silent_conns.append(w)
+
+    srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+    b = await make_sessiond("b", header_timeout_seconds=0.5, backend_connect_timeout_seconds=0.5,
+                            peers={"a": {"transport": "tcp", "address": "127.0.0.1:%d" % srv.sockets[0].getsockname()[1]}})
+    entry, _ = await b.put_service("svc", backend.address)
+    other = SessionClient("127.0.0.1", entry.port, issue("svc"))
+    started = time.monotonic()
+    pending = asyncio.create_task(SessionClient("127.0.0.1", entry.port, issue("svc"), "a").open())
+    await other.open()  # the hung forward does not hold up local sessions
+    with pytest.raises(SessionRefused) as err:
+        await pending
+    assert err.value.status == Status.PEER_UNAVAILABLE
+    assert time.monotonic() - started < 5
+    await other.close()
+    for w in silent_conns:
+        w.close()
+    srv.close()
