@@ -10,7 +10,9 @@ see ``cloudlet.tunnel_sshd``), a sink process that counts bytes, and measures:
   process opens one channel per connection on the warm tunnel and pipes it (what sessiond does for a
   forwarded session);
 - ``channel_open_ms_p50``: opening a channel on the warm tunnel (to the sink, through sshd), with
-  ``ssh_rtt_ms_p50``, a bare SSH round trip (global request) on the same connection, as its floor;
+  its floors side by side: ``ssh_rtt_ms_p50`` (a bare SSH round trip, a global request, on the same
+  connection) and ``tcp_connect_ms_p50`` (a plain loopback TCP connect to the sink, which sshd does
+  for every open);
 - ``cold_connect_ms_p50``: a new SSH connection (TCP, key exchange, public key authentication).
 
 Rounds alternate between OpenSSH and asyncssh; the best round of each is reported (the machine is
@@ -303,14 +305,21 @@ async def _throughput_openssh(sshd: Any, cipher: str, sink_port: int, nbytes: in
         proc.wait()
 
 
-async def _channel_open_ms(sshd: Any, cipher: str, count: int) -> tuple[list[float], list[float]]:
-    """Channel opens on a warm tunnel, and (the floor) SSH round trips on the same connection."""
+async def _channel_open_ms(sshd: Any, cipher: str, count: int,
+                           sink_port: int) -> tuple[list[float], list[float], list[float]]:
+    """Channel opens on a warm tunnel; the floors: SSH round trips on the same connection and plain
+    loopback TCP connects to the same sink (what sshd does for each open)."""
     c = await _connector(sshd, cipher)
     times: list[float] = []
     rtts: list[float] = []
+    tcps: list[float] = []
     try:
         conn = c.tunnels["bench"]._conn
         for _ in range(count):
+            t = time.perf_counter()
+            _r, w = await asyncio.open_connection("127.0.0.1", sink_port)
+            tcps.append((time.perf_counter() - t) * 1000)
+            w.close()
             t = time.perf_counter()
             await conn._make_global_request(b"keepalive@openssh.com")
             rtts.append((time.perf_counter() - t) * 1000)
@@ -323,7 +332,7 @@ async def _channel_open_ms(sshd: Any, cipher: str, count: int) -> tuple[list[flo
             writer.close()
     finally:
         await c.close()
-    return times, rtts
+    return times, rtts, tcps
 
 
 async def _cold_connect_ms(sshd: Any, cipher: str, count: int) -> list[float]:
@@ -381,7 +390,7 @@ async def run_bench(megabytes: int, rounds: int, cipher: str, compare_ciphers: b
                 a = await _throughput_asyncssh(sshd, name, small)
                 ciphers[name] = {"openssh_gbps": round(o.gbps, 3), "asyncssh_gbps": round(a.gbps, 3)}
                 progress(f"cipher {name}: openssh {o.gbps:.3f} Gbps, asyncssh {a.gbps:.3f} Gbps")
-        open_ms, rtt_ms = await _channel_open_ms(sshd, cipher, opens)
+        open_ms, rtt_ms, tcp_ms = await _channel_open_ms(sshd, cipher, opens, sink_port)
         cold_ms = await _cold_connect_ms(sshd, cipher, colds)
         best_o = max(r.gbps for r in openssh_runs)
         best_a = max(r.gbps for r in asyncssh_runs)
@@ -397,6 +406,7 @@ async def run_bench(megabytes: int, rounds: int, cipher: str, compare_ciphers: b
             "channel_open_ms_p50": round(statistics.median(open_ms), 3),
             "channel_open_ms_p90": round(_p(open_ms, 0.9), 3),
             "ssh_rtt_ms_p50": round(statistics.median(rtt_ms), 3),
+            "tcp_connect_ms_p50": round(statistics.median(tcp_ms), 3),
             "cold_connect_ms_p50": round(statistics.median(cold_ms), 3),
             "asyncssh_no_fast_path_gbps": round(naive.gbps, 3),
             "down_openssh_gbps": round(max(r.gbps for r in down_o), 3),
@@ -458,7 +468,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         for key in ("openssh_gbps", "asyncssh_gbps", "ratio_vs_openssh", "ratio_paired_median",
                     "openssh_cpu_s_per_gb", "asyncssh_cpu_s_per_gb", "channel_open_ms_p50",
-                    "channel_open_ms_p90", "ssh_rtt_ms_p50", "cold_connect_ms_p50", "asyncssh_no_fast_path_gbps",
+                    "channel_open_ms_p90", "ssh_rtt_ms_p50", "tcp_connect_ms_p50", "cold_connect_ms_p50", "asyncssh_no_fast_path_gbps",
                     "down_openssh_gbps", "down_asyncssh_gbps", "down_ratio_vs_openssh"):
             print(f"{key:28} {result[key]}")
         for name, figures in result["ciphers"].items():
