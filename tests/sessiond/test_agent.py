@@ -110,3 +110,33 @@ async def test_redis_cli_keeps_its_connection_across_switches(make_sessiond, red
     finally:
         agent.terminate()
         await asyncio.wait_for(agent.wait(), 15)
+
+
+async def test_failed_switch_falls_back_and_the_program_notices_nothing(make_sessiond, tmp_path: Path) -> None:
+    from cloudlet.agent import Agent
+    from cloudlet.client import SessionRefused
+
+    from sessiond_helpers import Backend
+
+    echo = await Backend(echo=True).start()
+    try:
+        a = await make_sessiond("a")
+        ea, _ = await a.put_service("echo", echo.address)
+        agent = Agent(issue("echo"), {"a": ("127.0.0.1", ea.port), "dead": ("127.0.0.1", 1)}, "a", "a",
+                      control_socket=str(tmp_path / "agent.sock"))
+        await agent.start()
+        r, w = await asyncio.open_connection(*agent.address)
+        w.write(b"one")
+        assert await asyncio.wait_for(r.readexactly(3), 10) == b"one"
+        with pytest.raises((SessionRefused, OSError)):
+            await agent.switch("dead")
+        assert agent.current == "a"
+        w.write(b"two")
+        assert await asyncio.wait_for(r.readexactly(3), 10) == b"two"
+        with pytest.raises(KeyError):
+            await agent.switch("nowhere")
+        assert len(echo.conns) == 1  # still the same backend connection
+        w.close()
+        await agent.stop()
+    finally:
+        await echo.stop()
