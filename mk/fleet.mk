@@ -50,6 +50,6 @@ test-fleet: lint-fleet ## fleet tooling tests, role checks (lint, argument specs
 	$(PY) -m pytest tests/fleet $(PYTEST_ARGS)
 
 test-molecule: wheelhouse ## molecule: three-host fleet, converge site.yml, idempotence, verify, destroy
-	cd molecule && molecule test --all
+	molecule test -s default
 
 TEST_TARGETS += test-fleet test-molecule

@@ -1,0 +1,121 @@
+"""What site.yml must leave on every host, checked on the real hosts (pytest-testinfra).
+
+The ``host`` tests run once per host of the molecule inventory; ``test_handover_end_to_end`` runs
+once, on the control node, as a device would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+FLEET = os.environ.get("MOLECULE_FLEET_NAME", "cltest-molecule")
+PEERS = {"a", "b", "c"}
+TUNNEL_USER = "cloudlet-tunnel"
+
+
+def control_api(host, path: str) -> dict:
+    """GET a path of the sessiond control API on its Unix socket."""
+    script = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_UNIX);s.connect('/run/cloudlet/sessiond.sock')\n"
+        f"s.sendall(b'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n"
+        "d=b''\n"
+        "while (c:=s.recv(65536)): d+=c\n"
+        "sys.stdout.write(d.split(b'\\r\\n\\r\\n',1)[1].decode())\n"
+    )
+    return json.loads(host.check_output(f"python3 -c {json.dumps(script)}"))
+
+
+@pytest.mark.parametrize("unit", ["cloudlet-sessiond", "cloudlet-controller", "ssh"])
+def test_services_enabled_and_running(host, unit):
+    service = host.service(unit)
+    assert service.is_enabled
+    assert service.is_running
+
+
+def test_ports_listen_only_where_they_should(host):
+    listening = set(host.socket.get_listening_sockets())
+    # The peer endpoint and metrics: loopback only. The controller API and the demo service's
+    # session port: every address. sshd: every address.
+    assert "tcp://127.0.0.1:7700" in listening
+    assert "tcp://127.0.0.1:9701" in listening
+    assert "tcp://0.0.0.0:8700" in listening
+    assert "tcp://0.0.0.0:31000" in listening
+    tcp = {s for s in listening if s.startswith("tcp")}
+    allowed = {"tcp://127.0.0.1:7700", "tcp://127.0.0.1:9701", "tcp://0.0.0.0:8700", "tcp://0.0.0.0:31000",
+               "tcp://0.0.0.0:22", "tcp://:::22"}
+    assert tcp <= allowed, f"unexpected listeners: {sorted(tcp - allowed)}"
+
+
+def test_daemon_accounts_and_file_modes(host):
+    assert host.process.filter(comm="cloudlet", user="cloudlet"), "sessiond must run as the cloudlet account"
+    secret = host.file("/etc/cloudlet/fleet.secret")
+    assert secret.user == "root" and secret.group == "cloudlet" and secret.mode == 0o640
+    key = host.file("/etc/cloudlet/tunnel/id_ed25519")
+    assert key.user == "cloudlet" and key.mode == 0o600
+
+
+def test_tunnel_account_is_locked_down(host):
+    user = host.user(TUNNEL_USER)
+    assert user.shell == "/usr/sbin/nologin"
+    assert user.password == "*"
+    keys = host.file("/var/lib/cloudlet-tunnel/.ssh/authorized_keys")
+    assert keys.user == "root" and keys.mode == 0o644
+    home = host.file("/var/lib/cloudlet-tunnel")
+    assert home.user == "root"
+    lines = [ln for ln in keys.content_string.splitlines() if ln and not ln.startswith("#")]
+    assert len(lines) == len(PEERS) - 1
+    for line in lines:
+        assert line.startswith('restrict,port-forwarding,permitopen="127.0.0.1:7700",command="/usr/sbin/nologin" ')
+    effective = host.check_output(f"sshd -T -C user={TUNNEL_USER},host=x,addr=10.0.0.1")
+    for setting in ("allowtcpforwarding local", "permitopen 127.0.0.1:7700", "permittty no",
+                    "forcecommand /usr/sbin/nologin", "x11forwarding no", "allowagentforwarding no"):
+        assert setting in effective
+
+
+def test_tunnels_up(host):
+    me = host.check_output("hostname")
+    peers = control_api(host, "/v1/peers")["peers"]
+    assert {p["name"] for p in peers} == PEERS - {me}
+    assert all(p["state"] == "up" and p["transport"] == "ssh" for p in peers), peers
+
+
+def test_tunnel_key_opens_only_the_peer_endpoint(host):
+    """With its real key and known_hosts, this host reaches a peer's endpoint and nothing else."""
+    me = host.check_output("hostname")
+    peer_conf = host.file("/etc/cloudlet/sessiond.toml").content_string
+    peer = sorted(PEERS - {me})[0]
+    address = peer_conf.split(f"[peers.{peer}]", 1)[1].split('host = "', 1)[1].split('"', 1)[0]
+    ssh = (f"ssh -i /etc/cloudlet/tunnel/id_ed25519 -o BatchMode=yes -o StrictHostKeyChecking=yes "
+           f"-o UserKnownHostsFile=/etc/cloudlet/tunnel/known_hosts -o ConnectTimeout=10 {TUNNEL_USER}@{address}")
+    allowed = host.run(f"{ssh} -W 127.0.0.1:7700 </dev/null")
+    assert allowed.rc == 0, allowed.stderr
+    forbidden = host.run(f"{ssh} -W 127.0.0.1:22 </dev/null")
+    assert forbidden.rc != 0 and "prohibited" in forbidden.stderr
+    shell = host.run(f"{ssh} id")
+    assert "uid=" not in shell.stdout
+
+
+def test_handover_end_to_end():
+    """A device streams through A, moves to B (FIN) and C (no FIN); the report must be clean."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "fleet" / "demo_client.py"), "--name", FLEET, "--seconds", "3",
+         "--rate", "400", "--blob-mib", "8"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((ROOT / ".cache" / "fleet" / FLEET / "demo-report.json").read_text())
+    fin, drop = report["handovers"]
+    assert fin["fin"] and fin["lost_lines"] == 0 and fin["duplicated_lines"] == 0
+    assert not drop["fin"] and drop["duplicated_lines"] == 0
+    assert report["duplicated_lines"] == 0
+    assert report["blob_bytes_wrong"] == 0 and report["blob_bytes_checked"] == 2 * (8 << 20)
+    assert report["same_backend_connection"]
+    assert report["received_lines"] + report["lost_lines"] == report["stream_lines"]
