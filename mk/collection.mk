@@ -16,7 +16,7 @@ test-collection-integration: ## cloudlet.fleet: ansible-playbook against a real 
 	$(PY) -m pytest tests/ansible $(PYTEST_ARGS)
 
 # tests/ansible runs in test-collection; keep test-python from running it a second time.
-test-python: PYTEST_ARGS += --ignore=tests/ansible
+test-python: override PYTEST_ARGS += --ignore=tests/ansible
 
 lint-collection: ## cloudlet.fleet: yamllint + ansible-lint --profile production on the collection and example playbook
 	yamllint -s .yamllint .ansible-lint $(COLLECTION_LINT_PATHS)
