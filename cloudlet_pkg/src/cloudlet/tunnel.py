@@ -721,6 +721,9 @@ class PeerTunnel:
                              "tunnel connect timed out")
             except (OSError, asyncssh.Error, ValueError) as exc:
                 self._failed(f"{type(exc).__name__}: {exc}", logging.WARNING, "tunnel connect failed")
+            except Exception as exc:  # never let one peer's surprise end its reconnect loop
+                log.exception("unexpected error in the tunnel task of peer %s", cfg.name)
+                self._failed(f"{type(exc).__name__}: {exc}", logging.ERROR, "tunnel failed unexpectedly")
             finally:
                 self._conn = None
                 self._up.clear()
