@@ -52,6 +52,7 @@ class ControllerState:
     next_port: int = 31000
     delay: float = 0.0
     counter: int = 0
+    max_services: int = 100
 
 
 def _spec(body: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -140,6 +141,8 @@ class Handler(BaseHTTPRequestHandler):
                 if {k: current[k] for k in spec} == spec:
                     return self._send(200, current)
                 return self._error(409, "conflict", "service %r exists with another spec" % name)
+            if len(state.services) >= state.max_services:
+                return self._error(409, "limit", "cloudlet runs max_services=%d services" % state.max_services)
             if spec["image"] not in state.images:
                 return self._error(400, "image_not_found", "image %s not found in podman" % spec["image"])
             service = dict(spec, name=name, state="running", session_port=state.next_port,

@@ -272,3 +272,15 @@ def test_recreate_with_an_unknown_image_reports_the_removal(controller, run_modu
     assert run.result["cause"] == "image_not_found"
     assert run.result["changed"] is True  # the old service was removed before the create failed
     assert controller.state.services == {}
+
+
+def test_service_limit_is_not_mistaken_for_a_conflict(controller, run_module):
+    controller.state.max_services = 0
+
+    run = run_module(service, controller.args(**SPEC))
+
+    assert run.rc == 1
+    assert run.result["cause"] == "limit"
+    assert run.result["status"] == 409
+    assert "runs as many services as it may" in run.result["msg"]
+    assert "max_services=0" in run.result["msg"]
