@@ -199,10 +199,10 @@ class SessionClient:
 
     async def end(self) -> Reply:
         """End the session (closes the backend connection); the credential is then refused."""
-        if self.writer is not None:
-            self.writer.close()
-            self.reader = self.writer = None
-        return await end_session(self.host, self.port, self.credential, self.target, self.timeout)
+        try:
+            return await end_session(self.host, self.port, self.credential, self.target, self.timeout)
+        finally:  # the server closes the attached connection itself; ours goes after END, not before
+            await self.close()
 
     async def close(self) -> None:
         """Close without ending (the session is kept for the grace period)."""

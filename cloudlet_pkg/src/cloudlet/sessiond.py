@@ -179,8 +179,8 @@ class Sessiond:
         if cfg.metrics_listen:
             await self._start_metrics()
         await self._restore_services()
-        event(log, logging.INFO, "sessiond started", cloudlet=cfg.cloudlet, peer_listen=self.peer_address,
-              control_socket=cfg.control_socket, metrics_listen=self.metrics_address,
+        event(log, logging.INFO, "sessiond started", cloudlet=cfg.cloudlet, peer_listen=_fmt(self.peer_address),
+              control_socket=cfg.control_socket, metrics_listen=_fmt(self.metrics_address),
               services=len(m.services), peers=sorted(cfg.peers),
               loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
 
