@@ -324,10 +324,12 @@ class ServiceTask:
     def ensure_absent(self, current: dict[str, t.Any] | None) -> None:
         if current is None:
             return
-        self.result["changed"] = True
         self.set_diff(normalize_spec(current), {})
-        if not self.module.check_mode:
-            self.client.delete_service(self.name)
+        if self.module.check_mode:
+            self.result["changed"] = True
+            return
+        # False if someone else removed it between our GET and DELETE.
+        self.result["changed"] = self.client.delete_service(self.name)
 
 
 def main() -> None:
