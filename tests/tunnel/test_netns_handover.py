@@ -85,7 +85,7 @@ async def test_handover_a_b_c_over_ssh_tunnels_every_byte_checked(bed: Bed) -> N
         assert status in (200, 201), svc
     for name in ("b", "c"):
         p = await wait_peer(bed, name, "a", "up")
-        assert p["transport"] == "ssh"
+        assert p["transport"] == "ssh" and p["cipher"] == "aes128-gcm@openssh.com"
     cred = credentials.issue(SECRET, "echo").token
     hosts = {n: bed.nodes[n].address for n in CLOUDLETS}
     out = await asyncio.to_thread(run_device, bed, json.dumps({"hosts": hosts, "port": SERVICE_PORT, "credential": cred}))
@@ -97,7 +97,8 @@ async def test_handover_a_b_c_over_ssh_tunnels_every_byte_checked(bed: Bed) -> N
     # accepted each cloudlet's own key (the device never reached a's peer endpoint directly)
     for name in ("b", "c"):
         p = (await peers(bed, name))["a"]
-        assert p["state"] == "up" and p["channels"] == 0, p
+        assert p["state"] == "up" and p["channels"] == 0 and p["channels_opened"] >= 1, p
+        assert p["rtt_ms"] is not None and 0 < p["rtt_ms"] < 1000, p
     sshd_log = bed.nodes["a"].sshd.log_text()  # type: ignore[union-attr]
     assert sshd_log.count("Accepted publickey for cltunnel from 10.213.0.2") >= 1
     assert sshd_log.count("Accepted publickey for cltunnel from 10.213.0.3") >= 1

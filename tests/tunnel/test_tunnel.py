@@ -303,6 +303,45 @@ async def test_sshd_killed_and_restarted_tunnel_comes_back(sshd: TunnelSshd) -> 
         await c.close()
 
 
+async def test_frozen_peer_is_detected_by_keepalives_and_replaced(sshd: TunnelSshd) -> None:
+    """The peer's connection process stops answering (SIGSTOP, no FIN): keepalives declare it dead."""
+    import signal
+
+    table = sshd.peer_table("a", **{**FAST, "keepalive_interval": 0.3, "keepalive_count_max": 2, "rtt_interval": 0})
+    c = await connector_for(("a", table))
+    frozen: list[int] = []
+    try:
+        assert await c.wait_up(15), c.status()
+        for _ in range(500):  # the monitor forks the session process just after authentication
+            frozen = sshd._descendants()
+            if len(frozen) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(frozen) >= 2, f"per-connection sshd processes not found: {frozen}"
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        for _ in range(1000):
+            if c.status()[0]["state"] != "up":
+                break
+            await asyncio.sleep(0.01)
+        assert c.status()[0]["state"] != "up"
+        assert time.monotonic() - started < 5.0
+        with pytest.raises(PeerUnavailable):
+            await c.open("a")
+        assert await c.wait_up(15), c.status()  # a new connection to the (still running) listener
+        data = os.urandom(100_000)
+        assert await roundtrip(*await c.open("a"), data) == data
+        assert c.status()[0]["reconnects"] == 1
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        await c.close()
+
+
 async def test_silent_peer_does_not_stall_the_others(sshd: TunnelSshd) -> None:
     """A peer that accepts TCP but never speaks SSH: its opens fail fast, other peers work."""
     accepted: list[asyncio.StreamWriter] = []

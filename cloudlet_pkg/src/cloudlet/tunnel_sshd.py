@@ -204,8 +204,24 @@ class TunnelSshd:
         return found
 
     def _signal_all(self, sig: int) -> None:
+        """Signal sshd and every connection it forked. Each connection's monitor leads its own
+        process group, which its session process joins: signalling the groups also catches a
+        session process forked while this runs."""
         assert self.proc is not None
-        for pid in [*self._descendants(), self.proc.pid]:
+        own = os.getpgid(0)
+        targets = self._descendants()
+        groups = set()
+        for pid in targets:
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        for group in groups - {own}:
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                pass
+        for pid in [*targets, self.proc.pid]:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
