@@ -41,9 +41,9 @@ demo: ## on a fresh machine: deps, images, fleet, rollout, launch, then a handov
 demo-down: ## remove everything `make demo` created
 	$(FLEET_PY) down
 
-lint-fleet: ## yamllint, ansible-lint (production profile), syntax and check mode of the playbooks
+lint-fleet: ## yamllint, ansible-lint (production profile) and syntax check of roles, playbooks, molecule
 	yamllint -s roles playbooks inventory molecule site.yml
-	ansible-lint --profile production roles playbooks site.yml
+	ansible-lint --profile production roles playbooks site.yml molecule inventory
 	ansible-playbook --syntax-check site.yml playbooks/*.yml
 
 test-fleet: lint-fleet ## fleet tooling tests, role checks (lint, argument specs, check mode)
@@ -52,4 +52,5 @@ test-fleet: lint-fleet ## fleet tooling tests, role checks (lint, argument specs
 test-molecule: wheelhouse ## molecule: three-host fleet, converge site.yml, idempotence, verify, destroy
 	molecule test -s default
 
-TEST_TARGETS += test-fleet test-molecule
+# tests/fleet already runs in test-python (pytest tests); make test adds the lint and molecule.
+TEST_TARGETS += lint-fleet test-molecule
