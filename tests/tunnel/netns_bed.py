@@ -283,3 +283,18 @@ def attach_once(bed: Bed, args: str) -> subprocess.CompletedProcess[str]:
     node = bed.nodes["dev"]
     return subprocess.run(["ip", "netns", "exec", node.ns, sys.executable, "-c", ATTACH, args], capture_output=True,
                           text=True, timeout=60)
+
+
+METRICS = r"""
+import sys, urllib.request
+print(urllib.request.urlopen("http://127.0.0.1:9701/metrics", timeout=10).read().decode())
+"""
+
+
+def scrape_metrics(bed: Bed, name: str) -> str:
+    """Prometheus text of a cloudlet's sessiond (its metrics listen on loopback inside its namespace)."""
+    out = subprocess.run(["ip", "netns", "exec", bed.nodes[name].ns, sys.executable, "-c", METRICS],
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"metrics of {name}: {out.stderr.strip()}")
+    return out.stdout

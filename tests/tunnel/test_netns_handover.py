@@ -13,7 +13,7 @@ import pytest
 
 from cloudlet import credentials
 
-from netns_bed import SECRET, SERVICE_PORT, Bed, attach_once, netns_unavailable, run_device
+from netns_bed import SECRET, SERVICE_PORT, Bed, attach_once, netns_unavailable, run_device, scrape_metrics
 
 pytestmark = [pytest.mark.netns, pytest.mark.sshd, pytest.mark.slow]
 
@@ -123,3 +123,12 @@ async def test_handover_a_b_c_over_ssh_tunnels_every_byte_checked(bed: Bed) -> N
     ok = json.loads((await asyncio.to_thread(attach_once, bed, json.dumps(
         {"host": hosts["b"], "port": SERVICE_PORT, "credential": cred2, "target": "a"}))).stdout)
     assert ok["status"] == "OK", ok
+    # b's sessiond exports the tunnel metrics on its own registry
+    text = await asyncio.to_thread(scrape_metrics, bed, "b")
+    assert 'cloudlet_tunnel_up{peer="a"} 1.0' in text and 'cloudlet_tunnel_up{peer="c"} 1.0' in text
+    reconnects = [line for line in text.splitlines() if line.startswith('cloudlet_tunnel_reconnects_total{peer="a"}')]
+    assert reconnects and float(reconnects[0].split()[-1]) >= 1.0, reconnects
+    refusals = [line for line in text.splitlines()
+                if line.startswith('cloudlet_tunnel_channel_open_failures_total{peer="a"}')]
+    assert refusals and float(refusals[0].split()[-1]) >= 1.0, refusals  # the refused attach above
+    assert 'cloudlet_tunnel_rtt_seconds{peer="a"}' in text
