@@ -83,6 +83,11 @@ async def test_peers_status_and_metrics(make_sessiond, echo_backend: Backend) ->
                                         "z": {"transport": "tcp", "address": "127.0.0.1:1"}})
     await a.put_service("echo", echo_backend.address)
     entry, _ = await b.put_service("echo", echo_backend.address)
+    # b probed its peers at start (connect and close): state is known before any forward ...
+    _, peers = await api(b.config.control_socket, "GET", "/v1/peers")
+    assert {p["name"]: p["state"] for p in peers["peers"]} == {"a": "up", "z": "down"}
+    # ... and a probe is no header error at the peer endpoint
+    assert a.metrics.header_errors._value.get() == 0  # type: ignore[attr-defined]
     c = SessionClient("127.0.0.1", entry.port, issue("echo"), "a")
     await c.open()
     await c.send(b"12345")

@@ -65,6 +65,8 @@ class TcpPeerConnector:
 
     peers: dict[str, _TcpPeer] = field(default_factory=dict)
     connect_timeout: float = 3.0
+    probe_interval: float = 15.0
+    _probe_task: asyncio.Task[None] | None = None
 
     @classmethod
     def from_config(cls, peers: dict[str, dict[str, Any]], connect_timeout: float = 3.0) -> "TcpPeerConnector":
@@ -77,7 +79,33 @@ class TcpPeerConnector:
         return cls(table, connect_timeout)
 
     async def start(self) -> None:
-        return None
+        """Probe every peer once now and then every ``probe_interval`` s, for ``GET /v1/peers``."""
+        await self.probe()
+        if self.probe_interval > 0:
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            await self.probe()
+
+    async def probe(self) -> None:
+        """Connect and close (no header: the peer endpoint ignores such probes) to learn up/down."""
+
+        async def one(p: _TcpPeer) -> None:
+            started = time.monotonic()
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(p.host, p.port), self.connect_timeout)
+            except (OSError, asyncio.TimeoutError):
+                if p.state == "up":
+                    p.reconnects += 1
+                p.state = "down"
+                return
+            p.rtt_ms = round((time.monotonic() - started) * 1000, 3)
+            p.state = "up"
+            writer.close()
+
+        await asyncio.gather(*(one(p) for p in self.peers.values()))
 
     async def open(self, peer: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         p = self.peers.get(peer)
@@ -104,7 +132,9 @@ class TcpPeerConnector:
             p.channels -= 1
 
     async def close(self) -> None:
-        return None
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            self._probe_task = None
 
     def status(self) -> list[dict[str, Any]]:
         return [

@@ -169,6 +169,11 @@ class HeaderParser:
         self._buf = b""
         self._need = HEADER_FIXED.size
 
+    @property
+    def empty(self) -> bool:
+        """No byte of a header has arrived yet."""
+        return not self._buf
+
     def feed(self, data: bytes) -> tuple[Header, bytes] | None:
         buf = self._buf + data if self._buf else data
         if len(buf) < HEADER_FIXED.size:

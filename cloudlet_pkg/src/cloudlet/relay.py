@@ -88,6 +88,11 @@ class ServerConnection(asyncio.Protocol):
         elif self.forward is not None:
             self.forward.client_eof()
         elif self.parser is not None:
+            if self.parser.empty:  # a port probe (health check, wait_for): not an error
+                self.parser = None
+                self._cancel_timer()
+                self.transport.close()
+                return True
             self._bad_header(Status.BAD_HEADER, "truncated header: connection half-closed before the header was complete")
         return True
 
