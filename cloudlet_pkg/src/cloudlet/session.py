@@ -146,6 +146,8 @@ class Session:
         old = self.client
         if old is not None and old is not conn and after_fin and not old.lost:
             self.draining = old  # old.session stays: its remaining bytes still go upstream
+            if old.transport.can_write_eof():
+                old.transport.write_eof()  # nothing more goes down the old path: let the client see EOF now
             self.drain_timer = m.loop.call_later(m.header_timeout, self._drain_expired)
             m.metrics.resumes.inc()
             event(log, logging.INFO, "session handed to a new connection; draining the old one",
