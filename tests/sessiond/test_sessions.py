@@ -196,7 +196,7 @@ async def test_detached_buffer_is_bounded_and_backend_is_paused(relay: dict, mak
     b = await backend.next_conn()
     await c.detach()
     await wait_for(lambda: a.manager.list_sessions()[0]["state"] == "detached", what="detached")
-    total = 20 * 1024 * 1024
+    total = 40 * 1024 * 1024  # more than the kernel's socket buffers can absorb on the way
     chunk = bytes(range(256)) * 256
     sent = 0
     b.writer.transport.set_write_buffer_limits(high=1 << 30)
@@ -206,7 +206,7 @@ async def test_detached_buffer_is_bounded_and_backend_is_paused(relay: dict, mak
     await asyncio.sleep(0.5)
     held = a.manager.list_sessions()[0]["buffered"]
     assert limit <= held <= limit + 512 * 1024, held
-    assert b.writer.transport.get_write_buffer_size() > total // 2  # back-pressure reached the backend
+    assert b.writer.transport.get_write_buffer_size() > 0  # back-pressure reached the backend itself
     # ... and nothing was dropped: resuming gets everything in order
     await c.open()
     got = 0
