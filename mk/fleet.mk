@@ -2,6 +2,7 @@
 # Local fleet = three cloudlet hosts as podman containers with systemd and sshd (fleet/fleet.py).
 
 FLEET_PY := $(PY) fleet/fleet.py
+FLEET_PLAYBOOKS := site.yml playbooks/launch.yml playbooks/reset.yml playbooks/uninstall.yml playbooks/status.yml
 # Sources of the cloudlet wheel: the wheelhouse is rebuilt only when one of them changed, and with
 # a fixed SOURCE_DATE_EPOCH, so an unchanged tree gives a byte-identical wheel (idempotent rollout).
 WHEEL_SOURCES := $(shell find cloudlet_pkg/src -type f -not -path '*/__pycache__/*' -not -path '*.egg-info*' 2>/dev/null) cloudlet_pkg/pyproject.toml
@@ -42,9 +43,9 @@ demo-down: ## remove everything `make demo` created
 	$(FLEET_PY) down
 
 lint-fleet: ## yamllint, ansible-lint (production profile) and syntax check of roles, playbooks, molecule
-	yamllint -s roles playbooks inventory molecule site.yml
-	ansible-lint --profile production roles playbooks site.yml molecule inventory
-	ansible-playbook --syntax-check site.yml playbooks/*.yml
+	yamllint -s roles inventory molecule $(FLEET_PLAYBOOKS)
+	ansible-lint --profile production roles molecule inventory $(FLEET_PLAYBOOKS)
+	ansible-playbook --syntax-check $(FLEET_PLAYBOOKS)
 
 test-fleet: lint-fleet ## fleet tooling tests, role checks (lint, argument specs, check mode)
 	$(PY) -m pytest tests/fleet $(PYTEST_ARGS)
