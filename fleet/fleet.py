@@ -12,9 +12,9 @@ with debootstrap (cached under .cache/fleet/ after the first build) and imported
 a fleet network with fixed addresses; each host is also attached to its own service network
 (``<fleet>-svc-<host>``), the network its controller starts service containers on, so the host's
 session daemon reaches its service containers' backend addresses directly. The machine's podman API
-socket (a ``podman system service`` started by ``up``) is bind-mounted into every host at
-/run/podman/podman.sock, so the controllers use the podman runtime and the service containers they
-start are siblings on this machine's podman.
+socket (a ``podman system service`` started by ``up``) appears in every host at
+/run/podman/podman.sock (its directory is bind-mounted), so the controllers use the podman runtime
+and the service containers they start are siblings on this machine's podman.
 
 Standard library only: this runs before any virtualenv exists.
 """
@@ -227,7 +227,13 @@ def ensure_image(mirror: str | None = None) -> str:
 
 
 def api_dir() -> Path:
-    return Path("/run/cloudlet-fleet")
+    # The hosts mount this directory (not the socket file): a restarted service makes a new socket,
+    # which the running hosts then see.
+    return Path("/run/cloudlet-fleet/api")
+
+
+def api_pidfile() -> Path:
+    return Path("/run/cloudlet-fleet/podman.pid")
 
 
 def api_socket() -> Path:
@@ -260,7 +266,7 @@ def ensure_api_service() -> Path:
     proc = subprocess.Popen(
         ["podman", "system", "service", "--time=0", f"unix://{sock}"],
         stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    (api_dir() / "podman.pid").write_text(str(proc.pid))
+    api_pidfile().write_text(str(proc.pid))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if socket_alive(sock):
@@ -273,7 +279,7 @@ def ensure_api_service() -> Path:
 
 
 def stop_api_service() -> None:
-    pidfile = api_dir() / "podman.pid"
+    pidfile = api_pidfile()
     try:
         pid = int(pidfile.read_text())
     except (OSError, ValueError):
@@ -376,7 +382,7 @@ def start_host(fleet: Fleet, index: int, host: str, image: str, sock: Path) -> N
         "--network", svc_net,
         "--cap-add", "AUDIT_WRITE", "--cap-add", "NET_RAW",
         "--label", f"cloudlet.fleet={fleet.name}",
-        "-v", f"{sock}:/run/podman/podman.sock",
+        "-v", f"{sock.parent}:/run/podman",
         image,
     )
 
