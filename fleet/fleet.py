@@ -262,6 +262,7 @@ def ensure_api_service() -> Path:
         sock.unlink()
     env = dict(os.environ)
     env.setdefault("CONTAINERS_CONF", str(ROOT / "etc/containers.conf"))
+    CACHE.mkdir(parents=True, exist_ok=True)  # a fresh clone may reuse a host image and never build
     logf = (CACHE / "podman-api.log").open("ab")
     proc = subprocess.Popen(
         ["podman", "system", "service", "--time=0", f"unix://{sock}"],
