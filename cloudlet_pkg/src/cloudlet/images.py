@@ -52,7 +52,8 @@ def source_hash(src: Path | None = None) -> str:
     return h.hexdigest()[:32]
 
 
-def _podman_env() -> dict[str, str]:
+def podman_env() -> dict[str, str]:
+    """The environment for podman: the project's containers.conf (runc, ulimits) unless one is set."""
     env = dict(os.environ)
     default_conf = Path(__file__).resolve().parents[3] / "etc" / "containers.conf"
     if "CONTAINERS_CONF" not in env and default_conf.is_file():
@@ -63,7 +64,7 @@ def _podman_env() -> dict[str, str]:
 def image_source_hash(image: str, podman: str = "podman") -> str | None:
     """The ``cloudlet.source-hash`` label of ``image``, or None if the image does not exist."""
     proc = subprocess.run(
-        [podman, "image", "inspect", image], capture_output=True, text=True, env=_podman_env()
+        [podman, "image", "inspect", image], capture_output=True, text=True, env=podman_env()
     )
     if proc.returncode != 0:
         return None
@@ -78,7 +79,7 @@ def image_source_hash(image: str, podman: str = "podman") -> str | None:
 
 def _run(step: str, cmd: list[str], log: Any) -> None:
     log(f"== {step}: {' '.join(cmd)}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_podman_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=podman_env())
     if proc.returncode != 0:
         raise BuildError(f"{step} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
 

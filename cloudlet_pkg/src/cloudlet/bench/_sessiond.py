@@ -23,19 +23,6 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def raise_nofile(want: int) -> int:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for target in (want, hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), max(hard, target)))
-            return max(soft, target)
-        except (ValueError, OSError):
-            continue
-    return soft
-
-
 async def control(sock: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     import aiohttp
 

@@ -34,15 +34,9 @@ from typing import Any
 
 import aiohttp
 
+from cloudlet.images import podman_env
+
 TARGET_RATIO = 1.3
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    conf = Path(__file__).resolve().parents[4] / "etc" / "containers.conf"
-    if "CONTAINERS_CONF" not in env and conf.is_file():
-        env["CONTAINERS_CONF"] = str(conf)
-    return env
 
 
 def _free_port() -> int:
@@ -97,7 +91,7 @@ class BenchCloudlet:
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
         with open(self.dir / log, "ab") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=_env())
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=podman_env())
         self.procs.append(proc)
         return proc
 
@@ -163,10 +157,10 @@ class BenchCloudlet:
                 except subprocess.TimeoutExpired:
                     proc.kill()
         ids = subprocess.run(["podman", "ps", "-aq", "--filter", f"label=cloudlet.cloudlet={self.name}"],
-                             capture_output=True, text=True, env=_env()).stdout.split()
+                             capture_output=True, text=True, env=podman_env()).stdout.split()
         if ids:
-            subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True, env=_env())
-        subprocess.run(["podman", "network", "rm", "-f", f"cloudlet-{self.name}"], capture_output=True, env=_env())
+            subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True, env=podman_env())
+        subprocess.run(["podman", "network", "rm", "-f", f"cloudlet-{self.name}"], capture_output=True, env=podman_env())
 
 
 async def launch_once(cl: BenchCloudlet, image: str, name: str) -> float:
@@ -192,7 +186,7 @@ async def podman_run_once(image: str, name: str) -> float:
     start = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         "podman", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:7000", image,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=_env(),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=podman_env(),
     )
     _, err = await proc.communicate()
     try:
@@ -203,7 +197,7 @@ async def podman_run_once(image: str, name: str) -> float:
     finally:
         rm = await asyncio.create_subprocess_exec(
             "podman", "rm", "-f", "-t", "0", name, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, env=_env(),
+            stderr=asyncio.subprocess.DEVNULL, env=podman_env(),
         )
         await rm.wait()
 

@@ -36,23 +36,16 @@ from typing import Any
 
 from cloudlet.bench._sessiond import Fleet
 from cloudlet.client import SessionClient
+from cloudlet.images import podman_env
 
 DEMO_IMAGE = "localhost/cloudlet-demo:latest"
 DEMO_PORT = 7000
 READ = 256 * 1024
 
 
-def _podman_env() -> dict[str, str]:
-    env = dict(os.environ)
-    conf = Path(__file__).resolve().parents[4] / "etc" / "containers.conf"
-    if "CONTAINERS_CONF" not in env and conf.is_file():
-        env["CONTAINERS_CONF"] = str(conf)
-    return env
-
-
 async def podman(*args: str, check: bool = True) -> str:
     proc = await asyncio.create_subprocess_exec(
-        "podman", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_podman_env())
+        "podman", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=podman_env())
     out, err = await proc.communicate()
     if check and proc.returncode != 0:
         raise RuntimeError(f"podman {' '.join(args[:2])} failed: {err.decode(errors='replace').strip()}")
@@ -242,11 +235,7 @@ async def run_fw(image: str, moves: int, interval: float, count: int, blob: int)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             t0 = time.perf_counter()
-            drained = await mover.detach()
-            rx.feed(drained, time.perf_counter())
-            mover._pending.clear()
-            mover.host, mover.port, mover.target = "127.0.0.1", ports[to], "" if to == "a" else "a"
-            await mover.open()
+            await mover.handover("127.0.0.1", ports[to], target="" if to == "a" else "a", fin=True)
             task = asyncio.create_task(mover_reader())
             await asyncio.sleep(interval)
             windows.append((t0, time.perf_counter() - interval + 0.05))

@@ -20,7 +20,8 @@ import threading
 import time
 from typing import Any
 
-from cloudlet.bench._sessiond import Fleet, raise_nofile, rss_kib
+from cloudlet.bench._sessiond import Fleet, rss_kib
+from cloudlet.sessiond import raise_nofile_limit
 from cloudlet.protocol import REPLY_FIXED, Op, encode_header, parse_reply
 
 CHUNK = 1 << 20
@@ -224,7 +225,7 @@ async def idle_sessions(fleet: Fleet, sd: Any, count: int) -> float:
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if not shutil.which("socat"):
         raise SystemExit("socat is needed for the baseline (apt-get install socat)")
-    limit = raise_nofile(2 * args.idle + 1024)
+    limit = raise_nofile_limit(2 * args.idle + 1024)
     # sessiond and this process each hold two sockets per idle session; a hard limit we may not
     # raise (no CAP_SYS_RESOURCE) caps the count, which the result then says
     idle = min(args.idle, max(0, (limit - 600) // 2))

@@ -433,19 +433,8 @@ async def run_bench(megabytes: int, rounds: int, cipher: str, compare_ciphers: b
         sink.wait()
 
 
-def _set_loop(choice: str) -> None:
-    if choice == "asyncio":
-        return
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise SystemExit("--loop uvloop: uvloop is not installed (pip install 'cloudlet[uvloop]')") from None
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def main(args: argparse.Namespace) -> int:
+    from cloudlet.sessiond import use_fast_loop
     from cloudlet.tunnel_sshd import sshd_argv_available
 
     reasons = sshd_argv_available()
@@ -455,7 +444,7 @@ def main(args: argparse.Namespace) -> int:
     if args.megabytes < 1 or args.rounds < 1 or args.opens < 1 or args.colds < 1:
         print("cloudlet bench tunnel: --megabytes, --rounds, --opens and --colds must be >= 1", file=sys.stderr)
         return 2
-    _set_loop(args.loop)
+    use_fast_loop(args.loop)
 
     def progress(msg: str) -> None:
         if not args.quiet:
