@@ -113,7 +113,8 @@ class TcpPeerConnector:
             raise PeerError(Status.UNKNOWN_PEER, f"no peer named {peer!r} in this cloudlet's config")
         started = time.monotonic()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(p.host, p.port), self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(p.host, p.port)
         except (OSError, asyncio.TimeoutError) as exc:
             p.failures += 1
             if p.state == "up":
@@ -163,7 +164,8 @@ class CompositeConnector:
         if conn is None:
             raise PeerError(Status.UNKNOWN_PEER, f"no peer named {peer!r} in this cloudlet's config")
         try:
-            return await asyncio.wait_for(conn.open(peer), self.open_timeout)
+            async with asyncio.timeout(self.open_timeout):
+                return await conn.open(peer)
         except PeerError:
             raise
         except asyncio.TimeoutError:

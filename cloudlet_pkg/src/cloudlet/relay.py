@@ -188,7 +188,8 @@ class ServerConnection(asyncio.Protocol):
             raise Refused(exc.status, str(exc)) from None
         try:
             writer.write(encode_header(header.credential, "", header.op, flags=header.flags))
-            reply = await asyncio.wait_for(read_reply(reader), m.header_timeout + m.backend_connect_timeout)
+            async with asyncio.timeout(m.header_timeout + m.backend_connect_timeout):
+                reply = await read_reply(reader)
         except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as exc:
             _close_writer(writer)
             _channel_closed(m, header.target)
