@@ -23,5 +23,5 @@ test-python: ## Python tests of the cloudlet package (real sockets, processes, s
 
 include $(wildcard mk/*.mk)
 
-test: $(TEST_TARGETS) ## run every test (unit, integration, lint, molecule)
+test: deps $(TEST_TARGETS) ## run every test (unit, integration, lint, molecule); installs what it needs first
 	@echo "== all tests passed: $(TEST_TARGETS)"
