@@ -292,3 +292,54 @@ async def test_silent_peer_is_refused_in_bounded_time(make_sessiond, backend: Ba
     for w in silent_conns:
         w.close()
     srv.close()
+
+
+async def test_refused_handover_leaves_the_old_connection_working(make_sessiond, backend: Backend) -> None:
+    """Make-before-break: the old connection is half-closed only once the new one has the session."""
+    daemons, ports = await fleet(make_sessiond, backend, ("a", "b"))
+    client = SessionClient("127.0.0.1", ports["a"], issue("svc"))
+    await client.open()
+    be = await backend.next_conn()
+    old_writer = client.writer
+    with pytest.raises(SessionRefused) as err:
+        await client.handover("127.0.0.1", ports["b"], target="zz")  # b has no peer zz
+    assert err.value.status == Status.UNKNOWN_PEER
+    assert client.writer is old_writer and (client.host, client.port, client.target) == ("127.0.0.1", ports["a"], "")
+    be.writer.write(b"still-here")
+    assert await asyncio.wait_for(client.recv_exactly(10), 5) == b"still-here"
+    await client.send(b"and-up")
+    assert await be.read_exactly(6) == b"and-up"
+    [s] = daemons["a"].manager.list_sessions()
+    assert s["state"] == "attached" and daemons["a"].metrics.resumes._value.get() == 0  # type: ignore[attr-defined]
+
+
+async def test_recv_runs_on_through_moves_both_ways_in_order(make_sessiond, echo_backend: Backend) -> None:
+    """The application reads and writes in its own tasks while the client moves a -> b -> a ..."""
+    daemons, ports = await fleet(make_sessiond, echo_backend, ("a", "b"))
+    client = SessionClient("127.0.0.1", ports["a"], issue("svc"))
+    await client.open()
+    total = 200_000
+    got = bytearray()
+
+    async def reader() -> None:
+        while len(got) < total * 8:
+            data = await client.recv()
+            assert data, "recv returned EOF in the middle of a move"
+            got.extend(data)
+
+    async def writer() -> None:
+        for i in range(0, total, 500):
+            await client.send(struct.pack("!500Q", *range(i, i + 500)))
+            await asyncio.sleep(0)
+
+    tasks = [asyncio.create_task(reader()), asyncio.create_task(writer())]
+    moves = 0
+    while not tasks[1].done() or moves < 4:
+        to = "b" if moves % 2 == 0 else "a"
+        await client.handover("127.0.0.1", ports[to], target="a" if to == "b" else "")
+        moves += 1
+        await asyncio.sleep(0.005)
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert list(struct.unpack(f"!{total}Q", bytes(got))) == list(range(total))  # echoed: up and down in order
+    assert daemons["a"].metrics.resumes._value.get() == moves  # type: ignore[attr-defined]
+    await client.close()

@@ -2,10 +2,11 @@
 
 The agent accepts one local connection (for example ``redis-cli -p 6380``), speaks the session
 protocol upstream, and switches cloudlet on command (``cloudlet agent switch --to b`` or
-``POST /v1/switch`` on its control socket) without the local connection noticing: it stops reading
-from the local program, detaches cleanly (FIN, then reads the old connection to EOF and passes those
-bytes on), and resumes through the new cloudlet naming the anchor. A later local connection resumes
-the same session (``--on-local-close detach``, the default) or the agent ends it (``end``).
+``POST /v1/switch`` on its control socket) without the local connection noticing: the new
+connection attaches while both directions keep flowing on the old one (make-before-break, see
+``SessionClient.handover``), and a refused or unreachable cloudlet leaves the old connection as it
+was. A later local connection resumes the same session (``--on-local-close detach``, the default)
+or the agent ends it (``end``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ class Agent:
     server: asyncio.Server | None = None
     _local: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     _down: asyncio.Task[None] | None = None
-    _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _switch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _runner: web.AppRunner | None = None
 
@@ -103,8 +103,7 @@ class Agent:
                 data = await reader.read(READ_SIZE)
                 if not data:
                     break
-                async with self._send_lock:
-                    await self.client.send(data)
+                await self.client.send(data)
         except (ConnectionError, OSError) as exc:
             event(log, logging.INFO, "local or upstream connection broke", error=str(exc))
         async with self._switch_lock:
@@ -147,22 +146,13 @@ class Agent:
             self.current = to
             resumed = None
             if self._local is not None and self.client is not None and self.client.writer is not None:
-                writer = self._local[1]
-                async with self._send_lock:  # nothing goes up while we move
-                    if self._down is not None:
-                        self._down.cancel()
-                        await asyncio.gather(self._down, return_exceptions=True)
-                    host, port = self.cloudlets[to]
-                    try:
-                        reply = await self.client.handover(host, port, self._target_for(to), fin=fin)
-                    except (SessionRefused, OSError, asyncio.TimeoutError):
-                        self.current = previous
-                        h, p = self.cloudlets[previous]
-                        await self.client.handover(h, p, self._target_for(previous), fin=False)
-                        self._down = asyncio.create_task(self._pump_down(writer))
-                        raise
-                    resumed = reply.resumed
-                    self._down = asyncio.create_task(self._pump_down(writer))  # drained bytes go first
+                host, port = self.cloudlets[to]
+                try:  # make-before-break: the pumps go on; on failure the old connection is kept
+                    reply = await self.client.handover(host, port, self._target_for(to), fin=fin)
+                except (SessionRefused, OSError, asyncio.TimeoutError):
+                    self.current = previous
+                    raise
+                resumed = reply.resumed
             self.switches += 1
             self.last_switch_ms = round((time.monotonic() - started) * 1000, 3)
             event(log, logging.INFO, "switched cloudlet", frm=previous, to=to, fin=fin, ms=self.last_switch_ms)
@@ -291,11 +281,16 @@ def register(subparsers: Any) -> None:
     run.add_argument("--control-socket", default=DEFAULT_CONTROL, help=f"control socket (default {DEFAULT_CONTROL})")
     run.add_argument("--on-local-close", choices=["detach", "end"], default="detach",
                      help="when the program closes: keep the session for the next connection (detach) or end it")
+    run.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                     help="event loop: uvloop if installed (auto, the default), or plain asyncio")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["json", "text"])
 
     def _run_cmd(a: argparse.Namespace) -> int:
+        from cloudlet.sessiond import use_fast_loop
+
         setup_logging(a.log_level, a.log_format)
+        use_fast_loop(a.loop)
         return asyncio.run(_run(a))
 
     run.set_defaults(func=_run_cmd)

@@ -11,15 +11,19 @@ Example::
 or with names: ``SessionClient(..., cloudlets={"a": ("10.0.0.1", 31001), "b": ("10.0.0.2", 31001)},
 anchor="a")`` and ``await c.handover(to="b")`` (the target is set to the anchor for you).
 
-A clean move (``detach``/``handover``) half-closes the old connection and reads it to EOF, so every
-byte the backend sent arrives exactly once and in order: what came on the old connection first
-(kept in the client and returned by ``recv`` before anything else), then the held bytes on the new one.
+A clean move (``handover``) is make-before-break: the new connection attaches while the old one
+still carries the stream, the anchor switches at one byte, and ``recv`` (which may keep running in
+another task) returns the old connection up to its EOF and then the new one, so every byte the
+backend sent arrives exactly once and in order and the stream pauses only for the switch itself.
+``detach`` half-closes and reads the connection to EOF (kept for ``recv``); the session then waits
+at the anchor for the grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +84,9 @@ class SessionClient:
     last_reply: Reply | None = None
     _pending: bytearray = field(default_factory=bytearray)
     _abandoned: list[asyncio.StreamWriter] = field(default_factory=list)
+    # connections left by moves, read to EOF before ``reader`` (writer None: dropped, never closed by us)
+    _old: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter | None]] = field(default_factory=deque)
+    _moving: asyncio.Future[None] | None = None
 
     async def open(self) -> Reply:
         """Attach (a new session, or resume/take over an existing one)."""
@@ -88,20 +95,49 @@ class SessionClient:
         return self.last_reply
 
     async def send(self, data: bytes) -> None:
-        if self.writer is None:
+        """Send to the backend; during a move, on the old connection until the new one has the session."""
+        writer = self.writer
+        if writer is None:
             raise ConnectionError("session not attached")
-        self.writer.write(data)
-        await self.writer.drain()
+        writer.write(data)
+        await writer.drain()
 
     async def recv(self, n: int = READ_SIZE) -> bytes:
-        """Bytes from the backend (first those drained from a previous connection); b"" at EOF."""
-        if self._pending:
-            data = bytes(self._pending[:n])
-            del self._pending[:n]
-            return data
-        if self.reader is None:
-            raise ConnectionError("session not attached")
-        return await self.reader.read(n)
+        """Bytes from the backend, in order across moves; b"" at EOF (the session is over).
+
+        May run in its own task while ``handover`` runs in another: it reads the old connection to
+        its EOF (which the anchor sends when it switches), then the new one.
+        """
+        while True:
+            if self._pending:
+                data = bytes(self._pending[:n])
+                del self._pending[:n]
+                return data
+            if self._old:  # connections left by a move: read them to EOF first
+                old_reader, old_writer = self._old[0]
+                data = await old_reader.read(n)
+                if data:
+                    return data
+                if self._old and self._old[0][0] is old_reader:
+                    self._old.popleft()
+                    if old_writer is not None:
+                        old_writer.close()
+                continue
+            reader = self.reader
+            if reader is None:
+                if self._moving is not None:
+                    await asyncio.wait([self._moving])
+                    continue
+                raise ConnectionError("session not attached")
+            data = await reader.read(n)
+            if data:
+                return data
+            if self._moving is not None:  # the anchor switched to the new connection: wait for it
+                await asyncio.wait([self._moving])
+                continue
+            if reader is not self.reader or self._old:
+                continue
+            return b""
 
     async def recv_exactly(self, n: int) -> bytes:
         out = bytearray()
@@ -122,6 +158,12 @@ class SessionClient:
         try:
             if writer.can_write_eof():
                 writer.write_eof()
+            while self._old:  # a previous move's connection comes first
+                old_reader, old_writer = self._old.popleft()
+                async with asyncio.timeout(self.timeout):
+                    drained += await old_reader.read()
+                if old_writer is not None:
+                    old_writer.close()
             while True:
                 async with asyncio.timeout(self.timeout):
                     chunk = await reader.read(READ_SIZE)
@@ -137,24 +179,30 @@ class SessionClient:
         """Abandon the connection without FIN, as a device losing its radio link would.
 
         The socket is left open and unread (nothing reaches the server, which learns only when a
-        new connection takes the session over); ``close()`` releases it later.
+        new connection takes the session over); ``close()`` releases it later. Bytes that had
+        already arrived are still returned by ``recv``, before those of the next connection.
         """
-        if self.writer is not None:
+        if self.writer is not None and self.reader is not None:
             transport: Any = self.writer.transport
             transport.pause_reading()
             self._abandoned.append(self.writer)
+            self.reader.feed_eof()  # a recv waiting on it returns what had arrived, then moves on
+            self._old.append((self.reader, None))
         self.reader = self.writer = None
 
     async def handover(self, host: str | None = None, port: int | None = None, target: str = "", *,
                        to: str | None = None, fin: bool = True) -> Reply:
         """Move to another sessiond, keeping every byte exactly once and in order.
 
-        With ``fin`` (a clean move) the old connection is half-closed and, *at the same time*, the
-        new one attaches with the AFTER_FIN flag; the old one is read to EOF (kept for ``recv``)
-        before anything from the new one. Whichever reaches the anchor first, the anchor switches
-        the stream at one point: everything before it on the old connection, the rest on the new.
-        Without ``fin`` the old connection is abandoned and the anchor takes the session over.
-        ``to`` names a cloudlet of ``cloudlets`` instead of ``host``/``port``/``target``.
+        With ``fin`` (a clean move, make-before-break) the new connection attaches with the
+        AFTER_FIN flag while the old one keeps carrying the stream. On the OK reply the anchor has
+        switched (it half-closed the old path after its last byte); only then is the old
+        connection half-closed, so the anchor reads what the client sent on it and then the new
+        one. ``recv`` returns the rest of the old connection before anything from the new one, and
+        can keep running in another task throughout. If the new cloudlet refuses or cannot be
+        reached, the old connection is left as it was. Without ``fin`` the old connection is
+        abandoned (``drop``) and the anchor takes the session over. ``to`` names a cloudlet of
+        ``cloudlets`` instead of ``host``/``port``/``target``.
         """
         if to is not None:
             if to not in self.cloudlets:
@@ -163,41 +211,33 @@ class SessionClient:
             target = "" if to == self.anchor else self.anchor
         if host is None or port is None:
             raise ValueError("handover needs host and port, or to=NAME")
-        self.host, self.port, self.target = host, port, target
-        if not fin or self.writer is None or self.reader is None:
-            self.drop()
-            return await self.open()
-        old_reader, old_writer = self.reader, self.writer
-        self.reader = self.writer = None
-        if old_writer.can_write_eof():
-            old_writer.write_eof()
-
-        async def drain() -> bytes:
-            out = bytearray()
-            while True:
-                async with asyncio.timeout(self.timeout):
-                    chunk = await old_reader.read(READ_SIZE)
-                if not chunk:
-                    break
-                out += chunk
-            return bytes(out)
-
-        drained = asyncio.ensure_future(drain())
+        if self._moving is not None:
+            raise RuntimeError("a handover is already in progress")
+        moving = self._moving = asyncio.get_running_loop().create_future()
         try:
+            if not fin or self.writer is None or self.reader is None:
+                previous = (self.host, self.port, self.target)
+                self.host, self.port, self.target = host, port, target
+                self.drop()
+                try:
+                    return await self.open()
+                except BaseException:
+                    self.host, self.port, self.target = previous
+                    raise
             reader, writer, reply = await attach(host, port, self.credential, target, timeout=self.timeout,
                                                  flags=HEADER_AFTER_FIN)
-        except BaseException:
-            drained.cancel()
-            old_writer.close()
-            raise
-        try:
-            self._pending += await drained
-        except (OSError, asyncio.TimeoutError):
-            pass  # the old path broke: what it still carried is lost, as without FIN
+            old_reader, old_writer = self.reader, self.writer
+            self._old.append((old_reader, old_writer))
+            self.reader, self.writer, self.last_reply = reader, writer, reply
+            self.host, self.port, self.target = host, port, target
+            if old_writer.can_write_eof():
+                old_writer.write_eof()  # after the switch: the anchor then reads the new connection
+            # the anchor half-closed the old path at the switch; should it never arrive, give up on it
+            asyncio.get_running_loop().call_later(self.timeout, _abort_if_open, old_reader, old_writer)
+            return reply
         finally:
-            old_writer.close()
-        self.reader, self.writer, self.last_reply = reader, writer, reply
-        return reply
+            self._moving = None
+            moving.set_result(None)
 
     async def resume(self) -> Reply:
         """Reattach to the same place after a drop or a detach."""
@@ -217,9 +257,19 @@ class SessionClient:
         for w in self._abandoned:
             w.transport.abort()
         self._abandoned.clear()
+        while self._old:
+            _, old_writer = self._old.popleft()
+            if old_writer is not None:
+                old_writer.close()
         if self.writer is not None:
             self.writer.close()
             self.reader = self.writer = None
+
+
+def _abort_if_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The old connection of a move did not reach EOF in time: what it still carried is lost."""
+    if not reader.at_eof() and not writer.transport.is_closing():
+        writer.transport.abort()
 
 
 __all__ = ["SessionClient", "SessionRefused", "attach", "end_session", "ProtocolError", "Status"]

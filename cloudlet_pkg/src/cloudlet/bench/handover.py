@@ -5,15 +5,19 @@ as a tcp peer). A backend (its own process) pushes a numbered, timestamped 16-by
 moves a -> b -> c -> a ... (naming the anchor ``a``), ``--moves`` times with FIN (clean detach) and
 ``--moves`` times without FIN (the old connection is abandoned; the anchor takes over).
 
-Per kind: ``gap_ms`` = time between the last record the application received before a move and the
-first one after it (p50/p99/max over the moves); ``bytes_lost``/``bytes_duplicated`` from the record
-numbers (16 bytes per record).
+The application keeps reading while the client moves (as `cloudlet agent` does). Per kind:
+``gap_ms`` = the longest time without a record around a move (from the last record before the move
+to the first after it, the largest interval between consecutive arrivals; p50/p99/max over the
+moves); ``no_move_gap_ms_*`` = the same measure over windows of the same length half-way between
+moves (the baseline: the ticker's own 1 ms period plus scheduling jitter); ``move_ms`` = how long
+``handover()`` took; ``bytes_lost``/``bytes_duplicated`` from the record numbers (16 bytes per record).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import statistics
 import struct
@@ -95,7 +99,7 @@ async def run_kind(fleet: Fleet, ports: dict[str, int], fin: bool, moves: int, i
     await client.open()
     rx = Receiver()
 
-    async def receive() -> None:
+    async def receive() -> None:  # the application: reads all the time, also while the client moves
         while True:
             data = await client.recv()
             if not data:
@@ -105,29 +109,29 @@ async def run_kind(fleet: Fleet, ports: dict[str, int], fin: bool, moves: int, i
     task = asyncio.create_task(receive())
     await asyncio.sleep(0.2)
     route = ["b", "c", "a"]
-    marks: list[tuple[float, int]] = []  # (move start, records received before it)
+    marks: list[tuple[float, float]] = []  # (move start, move end)
     move_ms: list[float] = []  # how long client.handover() took
     for i in range(moves):
         await asyncio.sleep(interval)
         if task.done():
             task.result()
         to = route[i % 3]
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        marks.append((time.perf_counter(), len(rx.seqs)))
         t0 = time.perf_counter()
         await client.handover("127.0.0.1", ports[to], target="" if to == "a" else "a", fin=fin)
-        move_ms.append((time.perf_counter() - t0) * 1000)
-        task = asyncio.create_task(receive())
+        t1 = time.perf_counter()
+        marks.append((t0, t1))
+        move_ms.append((t1 - t0) * 1000)
     await asyncio.sleep(0.3)
+    if task.done():
+        task.result()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await client.end()
     await client.close()
-    gaps = []
-    for _, before in marks:
-        if 0 < before < len(rx.arrivals):
-            gaps.append((rx.arrivals[before] - rx.arrivals[before - 1]) * 1000)
+    gaps = [g for g in (_move_gap(rx.arrivals, t0, t1) for t0, t1 in marks) if g is not None]
+    # baseline, side by side: the same measure over windows of the same length half-way between moves
+    calm = [g for g in (_move_gap(rx.arrivals, t1 + interval / 2, t1 + interval / 2 + (t1 - t0)) for t0, t1 in marks)
+            if g is not None]
     seen = set()
     dup = 0
     for s in rx.seqs:
@@ -144,9 +148,25 @@ async def run_kind(fleet: Fleet, ports: dict[str, int], fin: bool, moves: int, i
         "bytes_lost": lost * RECORD.size,
         "bytes_duplicated": dup * RECORD.size,
         "move_ms_p50": round(statistics.median(move_ms), 3) if move_ms else None,
+        "no_move_gap_ms_p50": round(statistics.median(calm), 3) if calm else None,
+        "no_move_gap_ms_max": round(max(calm), 3) if calm else None,
         "records_received": len(rx.seqs),
         "partial_bytes_skipped": rx.skipped,
     }
+
+
+def _move_gap(arrivals: list[float], start: float, end: float) -> float | None:
+    """The longest time without a record around a move, in ms.
+
+    From the last record before the move started to the first record after it ended, the
+    largest interval between two consecutive arrivals (records keep coming on the old connection
+    while the new one attaches, so the stall can fall anywhere in that span).
+    """
+    i = bisect.bisect_left(arrivals, start) - 1
+    j = bisect.bisect_right(arrivals, end)
+    if i < 0 or j >= len(arrivals):
+        return None
+    return max(arrivals[k + 1] - arrivals[k] for k in range(i, j)) * 1000
 
 
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,7 +190,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         return {"moves": fin["moves"] + kinds["no_fin"]["moves"], "gap_ms_p50": fin["gap_ms_p50"],
                 "gap_ms_p99": fin["gap_ms_p99"], "gap_ms_max": fin["gap_ms_max"], "bytes_lost": fin["bytes_lost"],
                 "bytes_duplicated": fin["bytes_duplicated"], "kinds": kinds, "record_period_ms": PERIOD * 1000,
-                "loop": args.loop}
+                "loop": args.loop, "client_loop": args.client_loop}
     finally:
         fleet.stop()
         backend.terminate()
@@ -178,7 +198,10 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from cloudlet.sessiond import use_fast_loop
+
     started = time.monotonic()
+    use_fast_loop(args.client_loop)  # the device side, as `cloudlet agent` runs it
     result = asyncio.run(run_bench(args))
     result["bench_seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
@@ -193,4 +216,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--moves", type=int, default=30, help="moves per kind (default 30)")
     p.add_argument("--interval", type=float, default=0.1, help="seconds between moves (default 0.1)")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="sessiond's event loop")
+    p.add_argument("--client-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="the client's event loop (default auto, as `cloudlet agent`: uvloop if installed)")
     p.set_defaults(func=_main)
