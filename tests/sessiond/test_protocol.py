@@ -9,7 +9,9 @@ from cloudlet.protocol import (
     MAGIC,
     MAX_CREDENTIAL_LEN,
     MAX_HEADER_LEN,
+    REPLY_RESUMED,
     HeaderParser,
+    Mode,
     Op,
     ProtocolError,
     Reply,
@@ -93,3 +95,20 @@ def test_reply_roundtrip_and_partial() -> None:
     assert struct.unpack("!4s", raw[:4])[0] == b"CLSR"
     long = encode_reply(Status.OK, "x" * 1000)
     assert len(long) == 8 + 255
+
+
+def test_mode2_header_carries_the_received_count_and_reply_the_offsets() -> None:
+    raw = encode_header("v1.svc.1.abc.def", "a", Op.ATTACH, Mode.RESUMABLE, 0, 2**40 + 7) + b"x"
+    parser = HeaderParser()
+    for i in range(len(raw) - 2):  # byte by byte: nothing until the 8-byte count is complete
+        assert parser.feed(raw[i : i + 1]) is None
+    header, rest = parser.feed(raw[-2:])  # type: ignore[misc]
+    assert (header.mode, header.down_received, header.target, rest) == (Mode.RESUMABLE, 2**40 + 7, "a", b"x")
+    assert header.encode(target="") == encode_header("v1.svc.1.abc.def", "", Op.ATTACH, Mode.RESUMABLE, 0, 2**40 + 7)
+    wire = encode_reply(Status.OK, "resumed", REPLY_RESUMED, (123, 2**33)) + b"data"
+    assert parse_reply(wire[:-5]) is None  # the offsets are part of the reply
+    reply, rest = parse_reply(wire)  # type: ignore[misc]
+    assert (reply.up_received, reply.down_start, reply.resumed, rest) == (123, 2**33, True, b"data")
+    assert reply.encode() == wire[:-4]
+    plain, _ = parse_reply(encode_reply(Status.OK, "resumed"))  # type: ignore[misc]
+    assert plain.up_received is None and plain.down_start is None

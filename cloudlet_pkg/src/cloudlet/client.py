@@ -27,7 +27,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudlet.protocol import HEADER_AFTER_FIN, Op, ProtocolError, Reply, Status, encode_header, read_reply
+from cloudlet.protocol import HEADER_AFTER_FIN, Mode, Op, ProtocolError, Reply, Status, encode_header, read_reply
+from cloudlet.replay import ReplayRing
 
 READ_SIZE = 256 * 1024
 
@@ -42,8 +43,12 @@ class SessionRefused(Exception):
 
 
 async def attach(host: str, port: int, credential: str, target: str = "", *, op: Op = Op.ATTACH,
-                 timeout: float = 10.0, flags: int = 0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Reply]:
-    """Connect and send a header; returns the streams and the OK reply or raises ``SessionRefused``."""
+                 timeout: float = 10.0, flags: int = 0,
+                 down_received: int | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Reply]:
+    """Connect and send a header; returns the streams and the OK reply or raises ``SessionRefused``.
+
+    ``down_received`` (not None) asks for mode 2 (resumable) with that count of backend bytes held.
+    """
     # asyncio.timeout, not wait_for: no extra task per step on the handover path (Python 3.11)
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
@@ -51,7 +56,8 @@ async def attach(host: str, port: int, credential: str, target: str = "", *, op:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        writer.write(encode_header(credential, target, op, flags=flags))
+        mode = Mode.RAW if down_received is None else Mode.RESUMABLE
+        writer.write(encode_header(credential, target, op, mode, flags, down_received or 0))
         async with asyncio.timeout(timeout):
             reply = await read_reply(reader)
     except BaseException:
@@ -60,6 +66,9 @@ async def attach(host: str, port: int, credential: str, target: str = "", *, op:
     if not reply.ok:
         writer.close()
         raise SessionRefused(reply)
+    if op == Op.ATTACH and down_received is not None and (reply.up_received is None or reply.down_start is None):
+        writer.close()
+        raise ProtocolError(Status.UNSUPPORTED_MODE, "the sessiond did not answer mode 2 with offsets")
     return reader, writer, reply
 
 
@@ -68,6 +77,10 @@ async def end_session(host: str, port: int, credential: str, target: str = "", t
     reader, writer, reply = await attach(host, port, credential, target, op=Op.END, timeout=timeout)
     writer.close()
     return reply
+
+
+class StreamGap(ConnectionError):
+    """Mode 2: a connection would start after bytes the client never received (they were lost)."""
 
 
 @dataclass
@@ -79,65 +92,139 @@ class SessionClient:
     timeout: float = 10.0
     cloudlets: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> session port there
     anchor: str = ""  # the cloudlet that issued the credential (for handover(to=...))
+    resumable: bool = False  # protocol mode 2: a move without FIN loses nothing (byte offsets, replay)
+    resend_bytes: int = 8 << 20  # mode 2: how many sent bytes are kept to resend after a move
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     last_reply: Reply | None = None
+    down_offset: int = 0  # mode 2: backend bytes taken from connections so far (the stream position)
+    up_offset: int = 0  # mode 2: bytes sent so far
     _pending: bytearray = field(default_factory=bytearray)
     _abandoned: list[asyncio.StreamWriter] = field(default_factory=list)
     # connections left by moves, read to EOF before ``reader`` (writer None: dropped, never closed by us)
     _old: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter | None]] = field(default_factory=deque)
     _moving: asyncio.Future[None] | None = None
+    _next: dict[asyncio.StreamReader, int] = field(default_factory=dict)  # mode 2: stream offset read next
+    _sent: ReplayRing | None = None
+
+    def __post_init__(self) -> None:
+        if self.resumable:
+            self._sent = ReplayRing(self.resend_bytes)
+
+    async def _attach(self, host: str, port: int, target: str, flags: int = 0) -> tuple[
+            asyncio.StreamReader, asyncio.StreamWriter, Reply]:
+        """Attach and, in mode 2, resend what the anchor lacks before anything else is sent."""
+        reader, writer, reply = await attach(host, port, self.credential, target, timeout=self.timeout, flags=flags,
+                                             down_received=self.down_offset if self.resumable else None)
+        if self._sent is not None and reply.up_received is not None and reply.down_start is not None:
+            resend = self._sent.since(reply.up_received)
+            if resend is None:
+                writer.close()
+                raise StreamGap(f"the anchor has {reply.up_received} of the {self.up_offset} bytes sent and the "
+                                f"rest is no longer kept here (resend_bytes = {self.resend_bytes})")
+            if resend:
+                writer.write(resend)
+            self._next[reader] = reply.down_start
+        return reader, writer, reply
+
+    def _take(self, reader: asyncio.StreamReader, data: bytes) -> bytes:
+        """Mode 2: drop bytes already taken from an earlier connection; detect a gap."""
+        if self._sent is None:
+            return data
+        at = self._next[reader]
+        self._next[reader] = at + len(data)
+        if at > self.down_offset:
+            raise StreamGap(f"bytes {self.down_offset}..{at} of the stream never arrived")
+        skip = self.down_offset - at
+        if skip:
+            data = data[skip:]
+        self.down_offset += len(data)
+        return data
+
+    def _retire(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None) -> None:
+        self._next.pop(reader, None)
+        if writer is not None:
+            writer.close()
 
     async def open(self) -> Reply:
         """Attach (a new session, or resume/take over an existing one)."""
-        self.reader, self.writer, self.last_reply = await attach(self.host, self.port, self.credential, self.target,
-                                                                 timeout=self.timeout)
+        self.reader, self.writer, self.last_reply = await self._attach(self.host, self.port, self.target)
         return self.last_reply
 
     async def send(self, data: bytes) -> None:
-        """Send to the backend; during a move, on the old connection until the new one has the session."""
+        """Send to the backend; during a move, on the old connection until the new one has the session.
+
+        While a move without FIN has no connection, it waits for the move to finish.
+        """
         writer = self.writer
+        while writer is None and self._moving is not None:
+            await asyncio.wait([self._moving])
+            writer = self.writer
         if writer is None:
             raise ConnectionError("session not attached")
         writer.write(data)
+        if self._sent is not None:
+            self._sent.append(data)
+            self.up_offset += len(data)
         await writer.drain()
 
     async def recv(self, n: int = READ_SIZE) -> bytes:
         """Bytes from the backend, in order across moves; b"" at EOF (the session is over).
 
         May run in its own task while ``handover`` runs in another: it reads the old connection to
-        its EOF (which the anchor sends when it switches), then the new one.
+        its EOF (which the anchor sends when it switches), then the new one. In mode 2 a gap (an old
+        connection that broke before its EOF) is repaired by attaching again where the client is.
         """
         while True:
-            if self._pending:
-                data = bytes(self._pending[:n])
-                del self._pending[:n]
-                return data
-            if self._old:  # connections left by a move: read them to EOF first
-                old_reader, old_writer = self._old[0]
-                data = await old_reader.read(n)
-                if data:
-                    return data
-                if self._old and self._old[0][0] is old_reader:
-                    self._old.popleft()
-                    if old_writer is not None:
-                        old_writer.close()
-                continue
-            reader = self.reader
-            if reader is None:
+            try:
+                data = await self._recv_once(n)
+            except StreamGap:
                 if self._moving is not None:
                     await asyncio.wait([self._moving])
-                    continue
-                raise ConnectionError("session not attached")
-            data = await reader.read(n)
-            if data:
+                await self._recover()
+                continue
+            if data is not None:
                 return data
-            if self._moving is not None:  # the anchor switched to the new connection: wait for it
+
+    async def _recv_once(self, n: int) -> bytes | None:
+        """Bytes, b"" at the end of the session, or None to be called again."""
+        if self._pending:
+            data = bytes(self._pending[:n])
+            del self._pending[:n]
+            return data
+        if self._old:  # connections left by a move: read them to EOF first
+            old_reader, old_writer = self._old[0]
+            data = await old_reader.read(n)
+            if data:
+                return self._take(old_reader, data) or None
+            if self._old and self._old[0][0] is old_reader:
+                self._old.popleft()
+                self._retire(old_reader, old_writer)
+            return None
+        reader = self.reader
+        if reader is None:
+            if self._moving is not None:
                 await asyncio.wait([self._moving])
-                continue
-            if reader is not self.reader or self._old:
-                continue
-            return b""
+                return None
+            raise ConnectionError("session not attached")
+        data = await reader.read(n)
+        if data:
+            return self._take(reader, data) or None
+        if self._moving is not None:  # the anchor switched to the new connection: wait for it
+            await asyncio.wait([self._moving])
+            return None
+        if reader is not self.reader or self._old:
+            return None
+        return b""
+
+    async def _recover(self) -> None:
+        """Mode 2: take the session over where the client is now; the anchor replays what is missing."""
+        reader, writer, reply = await self._attach(self.host, self.port, self.target)
+        while self._old:
+            self._retire(*self._old.popleft())
+        if self.reader is not None:
+            self._retire(self.reader, self.writer)
+        self.reader, self.writer, self.last_reply = reader, writer, reply
 
     async def recv_exactly(self, n: int) -> bytes:
         out = bytearray()
@@ -161,17 +248,16 @@ class SessionClient:
             while self._old:  # a previous move's connection comes first
                 old_reader, old_writer = self._old.popleft()
                 async with asyncio.timeout(self.timeout):
-                    drained += await old_reader.read()
-                if old_writer is not None:
-                    old_writer.close()
+                    drained += self._take(old_reader, await old_reader.read())
+                self._retire(old_reader, old_writer)
             while True:
                 async with asyncio.timeout(self.timeout):
                     chunk = await reader.read(READ_SIZE)
                 if not chunk:
                     break
-                drained += chunk
+                drained += self._take(reader, chunk)
         finally:
-            writer.close()
+            self._retire(reader, writer)
         self._pending += drained
         return bytes(drained)
 
@@ -224,8 +310,7 @@ class SessionClient:
                 except BaseException:
                     self.host, self.port, self.target = previous
                     raise
-            reader, writer, reply = await attach(host, port, self.credential, target, timeout=self.timeout,
-                                                 flags=HEADER_AFTER_FIN)
+            reader, writer, reply = await self._attach(host, port, target, flags=HEADER_AFTER_FIN)
             old_reader, old_writer = self.reader, self.writer
             self._old.append((old_reader, old_writer))
             self.reader, self.writer, self.last_reply = reader, writer, reply
@@ -258,12 +343,10 @@ class SessionClient:
             w.transport.abort()
         self._abandoned.clear()
         while self._old:
-            _, old_writer = self._old.popleft()
-            if old_writer is not None:
-                old_writer.close()
-        if self.writer is not None:
-            self.writer.close()
-            self.reader = self.writer = None
+            self._retire(*self._old.popleft())
+        if self.reader is not None:
+            self._retire(self.reader, self.writer)
+        self.reader = self.writer = None
 
 
 def _abort_if_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -272,4 +355,4 @@ def _abort_if_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         writer.transport.abort()
 
 
-__all__ = ["SessionClient", "SessionRefused", "attach", "end_session", "ProtocolError", "Status"]
+__all__ = ["SessionClient", "SessionRefused", "StreamGap", "attach", "end_session", "ProtocolError", "Status"]

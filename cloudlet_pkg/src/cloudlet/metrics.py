@@ -30,6 +30,9 @@ class SessiondMetrics:
         self.header_errors = Counter("cloudlet_header_errors_total", "Malformed, oversized, truncated or slow headers", registry=r)
         self.services = Gauge("cloudlet_services", "Services this sessiond listens for", registry=r)
         self.splice_upgrades = Counter("cloudlet_splice_upgrades_total", "Attachments moved to the splice fast path", registry=r)
+        self.replayed_bytes = Counter("cloudlet_replayed_bytes_total",
+                                      "Backend bytes written again to a resumable session's new connection (mode 2)",
+                                      registry=r)
         self.buffered = Gauge("cloudlet_buffered_bytes", "Backend bytes held for detached sessions", registry=r)
         for s in ("attached", "detached", "forwarded"):
             self.sessions.labels(s)

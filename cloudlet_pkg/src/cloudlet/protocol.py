@@ -5,7 +5,7 @@ A client connection starts with a header::
     offset size field
     0      4    magic  b"CLSH"
     4      1    version (1)
-    5      1    mode   (0 = raw stream; 1 = framed, reserved)
+    5      1    mode   (0 = raw stream; 1 = framed, reserved; 2 = resumable raw stream)
     6      1    op     (1 = ATTACH, 2 = END)
     7      1    flags  (bit 0 AFTER_FIN: the client has just half-closed its previous connection of
                            this session, see docs/protocol.md; other bits reserved, 0)
@@ -13,6 +13,7 @@ A client connection starts with a header::
     10     2    target length     (big endian, 0..MAX_TARGET_LEN)
     12     n    credential (ASCII)
     12+n   m    target (ASCII: empty, "0.0.0.0" or a cloudlet name)
+    12+n+m 8    mode 2 only: down_received, the count of backend bytes the client has received
 
 The server answers with a reply::
 
@@ -22,6 +23,9 @@ The server answers with a reply::
     6      1    flags  (bit 0: the session was resumed, bit 1: an older connection was taken over)
     7      1    message length (0..255)
     8      k    message (UTF-8)
+    8+k    16   flags bit 2 (OFFSETS, OK replies to mode 2 only): up_received (client bytes the
+                anchor has taken, u64) and down_start (stream offset of the first backend byte sent
+                on this connection, u64)
 
 After an OK reply to ATTACH the connection carries raw bytes both ways.
 """
@@ -41,9 +45,11 @@ MAX_CREDENTIAL_LEN = 160
 MAX_TARGET_LEN = 64
 HEADER_FIXED = struct.Struct("!4sBBBBHH")
 REPLY_FIXED = struct.Struct("!4sBBBB")
-MAX_HEADER_LEN = HEADER_FIXED.size + MAX_CREDENTIAL_LEN + MAX_TARGET_LEN
+OFFSET = struct.Struct("!Q")
+OFFSETS = struct.Struct("!QQ")
+MAX_HEADER_LEN = HEADER_FIXED.size + MAX_CREDENTIAL_LEN + MAX_TARGET_LEN + OFFSET.size
 MAX_MESSAGE_LEN = 255
-MAX_REPLY_LEN = REPLY_FIXED.size + MAX_MESSAGE_LEN
+MAX_REPLY_LEN = REPLY_FIXED.size + MAX_MESSAGE_LEN + OFFSETS.size
 DEFAULT_HEADER_TIMEOUT = 5.0
 LOCAL_TARGETS = frozenset({"", "0.0.0.0"})
 TARGET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -53,11 +59,13 @@ HEADER_KNOWN_FLAGS = HEADER_AFTER_FIN
 
 REPLY_RESUMED = 0x01
 REPLY_TOOK_OVER = 0x02
+REPLY_OFFSETS = 0x04
 
 
 class Mode(IntEnum):
     RAW = 0
     FRAMED = 1  # reserved: sequence numbers and acknowledgements (not implemented by v1 servers)
+    RESUMABLE = 2  # raw stream; byte offsets exchanged at attach, so a move without FIN loses nothing
 
 
 class Op(IntEnum):
@@ -82,6 +90,7 @@ class Status(IntEnum):
     HEADER_TIMEOUT = 13
     BAD_TARGET = 14
     INTERNAL = 15
+    REPLAY_UNAVAILABLE = 16
 
 
 class ProtocolError(Exception):
@@ -100,6 +109,7 @@ class Header:
     target: str = ""
     mode: Mode = Mode.RAW
     flags: int = 0
+    down_received: int = 0  # mode 2: backend bytes the client already has
 
     @property
     def is_local(self) -> bool:
@@ -109,8 +119,9 @@ class Header:
     def after_fin(self) -> bool:
         return bool(self.flags & HEADER_AFTER_FIN)
 
-    def encode(self) -> bytes:
-        return encode_header(self.credential, self.target, self.op, self.mode, self.flags)
+    def encode(self, target: str | None = None) -> bytes:
+        return encode_header(self.credential, self.target if target is None else target, self.op, self.mode,
+                             self.flags, self.down_received)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +129,8 @@ class Reply:
     status: Status
     message: str = ""
     flags: int = 0
+    up_received: int | None = None  # OFFSETS: client bytes the anchor has taken (resend from here)
+    down_start: int | None = None  # OFFSETS: stream offset of the first backend byte on this connection
 
     @property
     def ok(self) -> bool:
@@ -132,23 +145,30 @@ class Reply:
         return bool(self.flags & REPLY_TOOK_OVER)
 
     def encode(self) -> bytes:
-        return encode_reply(self.status, self.message, self.flags)
+        offsets = None if self.up_received is None or self.down_start is None else (self.up_received, self.down_start)
+        return encode_reply(self.status, self.message, self.flags, offsets)
 
 
 def encode_header(credential: str, target: str = "", op: Op = Op.ATTACH, mode: Mode = Mode.RAW,
-                  flags: int = 0) -> bytes:
+                  flags: int = 0, down_received: int = 0) -> bytes:
     cred = credential.encode("ascii")
     tgt = target.encode("ascii")
     if not 0 < len(cred) <= MAX_CREDENTIAL_LEN:
         raise ValueError(f"credential length {len(cred)} not in 1..{MAX_CREDENTIAL_LEN}")
     if len(tgt) > MAX_TARGET_LEN:
         raise ValueError(f"target length {len(tgt)} over {MAX_TARGET_LEN}")
-    return HEADER_FIXED.pack(MAGIC, VERSION, int(mode), int(op), flags, len(cred), len(tgt)) + cred + tgt
+    out = HEADER_FIXED.pack(MAGIC, VERSION, int(mode), int(op), flags, len(cred), len(tgt)) + cred + tgt
+    if mode == Mode.RESUMABLE:
+        out += OFFSET.pack(down_received)
+    return out
 
 
-def encode_reply(status: Status, message: str = "", flags: int = 0) -> bytes:
+def encode_reply(status: Status, message: str = "", flags: int = 0, offsets: tuple[int, int] | None = None) -> bytes:
+    """``offsets`` = ``(up_received, down_start)`` for an OK reply to a mode 2 ATTACH (sets OFFSETS)."""
     msg = message.encode("utf-8")[:MAX_MESSAGE_LEN]
-    return REPLY_FIXED.pack(REPLY_MAGIC, VERSION, int(status), flags, len(msg)) + msg
+    if offsets is None:
+        return REPLY_FIXED.pack(REPLY_MAGIC, VERSION, int(status), flags & ~REPLY_OFFSETS, len(msg)) + msg
+    return REPLY_FIXED.pack(REPLY_MAGIC, VERSION, int(status), flags | REPLY_OFFSETS, len(msg)) + msg + OFFSETS.pack(*offsets)
 
 
 def _check_target(target: str) -> None:
@@ -186,27 +206,29 @@ class HeaderParser:
             raise ProtocolError(Status.BAD_HEADER, "bad magic: not a cloudlet session header")
         if version != VERSION:
             raise ProtocolError(Status.UNSUPPORTED_VERSION, f"protocol version {version} not supported (server speaks {VERSION})")
-        if mode != Mode.RAW:
-            raise ProtocolError(Status.UNSUPPORTED_MODE, f"mode {mode} not supported (only 0 = raw)")
+        if mode not in (Mode.RAW, Mode.RESUMABLE):
+            raise ProtocolError(Status.UNSUPPORTED_MODE, f"mode {mode} not supported (0 = raw, 2 = resumable)")
         if op not in (Op.ATTACH, Op.END):
             raise ProtocolError(Status.BAD_HEADER, f"unknown op {op}")
         if cred_len == 0 or cred_len > MAX_CREDENTIAL_LEN:
             raise ProtocolError(Status.BAD_HEADER, f"credential length {cred_len} not in 1..{MAX_CREDENTIAL_LEN}")
         if target_len > MAX_TARGET_LEN:
             raise ProtocolError(Status.BAD_HEADER, f"target length {target_len} over {MAX_TARGET_LEN}")
-        total = HEADER_FIXED.size + cred_len + target_len
+        names_end = HEADER_FIXED.size + cred_len + target_len
+        total = names_end + (OFFSET.size if mode == Mode.RESUMABLE else 0)
         if len(buf) < total:
             self._buf = buf
             return None
         start = HEADER_FIXED.size
         try:
             credential = buf[start : start + cred_len].decode("ascii")
-            target = buf[start + cred_len : total].decode("ascii")
+            target = buf[start + cred_len : names_end].decode("ascii")
         except UnicodeDecodeError:
             raise ProtocolError(Status.BAD_HEADER, "credential and target must be ASCII") from None
         _check_target(target)
+        down_received = OFFSET.unpack_from(buf, names_end)[0] if mode == Mode.RESUMABLE else 0
         self._buf = b""
-        return Header(Op(op), credential, target, Mode(mode), flags & HEADER_KNOWN_FLAGS), buf[total:]
+        return Header(Op(op), credential, target, Mode(mode), flags & HEADER_KNOWN_FLAGS, down_received), buf[total:]
 
 
 def parse_reply(data: bytes) -> tuple[Reply, bytes] | None:
@@ -217,13 +239,20 @@ def parse_reply(data: bytes) -> tuple[Reply, bytes] | None:
     if magic != REPLY_MAGIC or version != VERSION:
         raise ProtocolError(Status.BAD_HEADER, "bad reply magic or version: not a cloudlet sessiond")
     end = REPLY_FIXED.size + msg_len
-    if len(data) < end:
+    if len(data) < end + (OFFSETS.size if flags & REPLY_OFFSETS else 0):
         return None
+    message = data[REPLY_FIXED.size : end].decode("utf-8", "replace")
+    if flags & REPLY_OFFSETS:
+        up, down = OFFSETS.unpack_from(data, end)
+        return Reply(_status(status), message, flags, up, down), data[end + OFFSETS.size :]
+    return Reply(_status(status), message, flags), data[end:]
+
+
+def _status(code: int) -> Status:
     try:
-        st = Status(status)
+        return Status(code)
     except ValueError:
-        st = Status.INTERNAL
-    return Reply(st, data[REPLY_FIXED.size : end].decode("utf-8", "replace"), flags), data[end:]
+        return Status.INTERNAL
 
 
 async def read_reply(reader: asyncio.StreamReader) -> Reply:
@@ -233,8 +262,7 @@ async def read_reply(reader: asyncio.StreamReader) -> Reply:
     if magic != REPLY_MAGIC or version != VERSION:
         raise ProtocolError(Status.BAD_HEADER, "bad reply magic or version: not a cloudlet sessiond")
     msg = await reader.readexactly(msg_len) if msg_len else b""
-    try:
-        st = Status(status)
-    except ValueError:
-        st = Status.INTERNAL
-    return Reply(st, msg.decode("utf-8", "replace"), flags)
+    offsets: tuple[int, int] | tuple[None, None] = (None, None)
+    if flags & REPLY_OFFSETS:
+        offsets = OFFSETS.unpack(await reader.readexactly(OFFSETS.size))
+    return Reply(_status(status), msg.decode("utf-8", "replace"), flags, *offsets)

@@ -18,10 +18,10 @@ from cloudlet.hop import PeerError
 from cloudlet.logs import event
 from cloudlet.protocol import (
     HeaderParser,
+    Mode,
     Op,
     ProtocolError,
     Status,
-    encode_header,
     encode_reply,
     read_reply,
 )
@@ -35,7 +35,8 @@ PEER_READ_SIZE = 256 * 1024
 class ServerConnection(asyncio.Protocol):
     """One accepted connection; ``service`` is None on the peer endpoint."""
 
-    __slots__ = ("manager", "service", "transport", "parser", "timer", "session", "forward", "lost", "task")
+    __slots__ = ("manager", "service", "transport", "parser", "timer", "session", "forward", "lost", "task",
+                 "up_start", "up_skip")
 
     def __init__(self, manager: SessionManager, service: ServiceEntry | None) -> None:
         self.manager = manager
@@ -47,6 +48,8 @@ class ServerConnection(asyncio.Protocol):
         self.forward: Forward | None = None
         self.lost = False
         self.task: asyncio.Task[None] | None = None
+        self.up_start = 0  # mode 2: the session's bytes_up when this connection attached (told to the client)
+        self.up_skip = 0  # mode 2: first bytes of this connection that a drained one already delivered
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -57,6 +60,11 @@ class ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         s = self.session
         if s is not None:  # the hot path
+            if self.up_skip:
+                if len(data) <= self.up_skip:
+                    self.up_skip -= len(data)
+                    return
+                data, self.up_skip = data[self.up_skip :], 0
             s.upstream.transport.write(data)  # type: ignore[union-attr]
             s.bytes_up += len(data)
             if s.bytes_up > s.splice_up:
@@ -169,7 +177,8 @@ class ServerConnection(asyncio.Protocol):
                 self.transport.write(encode_reply(Status.OK, "session ended" if existed else "no live session; credential retired"))
                 self.transport.close()
                 return
-            await m.attach(self, cred, service, rest, via_peer, header.after_fin)
+            await m.attach(self, cred, service, rest, via_peer, header.after_fin,
+                           header.down_received if header.mode == Mode.RESUMABLE else None)
             if via_peer:
                 m.metrics.handovers.labels("in").inc()
         except Refused as exc:
@@ -187,7 +196,7 @@ class ServerConnection(asyncio.Protocol):
         except PeerError as exc:
             raise Refused(exc.status, str(exc)) from None
         try:
-            writer.write(encode_header(header.credential, "", header.op, flags=header.flags))
+            writer.write(header.encode(target=""))  # same op, mode, flags and offset; the peer is the anchor
             async with asyncio.timeout(m.header_timeout + m.backend_connect_timeout):
                 reply = await read_reply(reader)
         except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as exc:

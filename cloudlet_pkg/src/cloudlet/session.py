@@ -24,6 +24,7 @@ from cloudlet import credentials
 from cloudlet.logs import event
 from cloudlet.metrics import SessiondMetrics
 from cloudlet.protocol import REPLY_RESUMED, REPLY_TOOK_OVER, Status, encode_reply
+from cloudlet.replay import ReplayRing
 from cloudlet.splice import AVAILABLE as SPLICE_AVAILABLE
 from cloudlet.splice import SpliceRelay
 
@@ -74,7 +75,9 @@ class UpstreamProtocol(asyncio.Protocol):
         if c is not None:
             c.transport.write(data)
             s.bytes_down += len(data)
-            if s.bytes_down > s.splice_down:
+            if s.ring is not None:
+                s.ring.append(data)
+            elif s.bytes_down > s.splice_down:
                 s.try_splice()
         else:
             s.hold(data)
@@ -126,24 +129,58 @@ class Session:
     held_up: bytes = b""  # bytes that came behind the new connection's header while draining
     splice_up: float = float("inf")  # byte counts at which to try the splice relay
     splice_down: float = float("inf")
+    ring: ReplayRing | None = None  # mode 2 (resumable): backend bytes written to clients, for replay
 
     # -- connection events -------------------------------------------------------------------
-    def attach(self, conn: "ServerConnection", rest: bytes, via_peer: bool, after_fin: bool = False) -> None:
+    @property
+    def resumable(self) -> bool:
+        return self.ring is not None
+
+    def attach(self, conn: "ServerConnection", rest: bytes, via_peer: bool, after_fin: bool = False,
+               down_received: int | None = None) -> None:
         """Give the session to ``conn`` (a new, resumed or taken-over attachment).
 
         ``after_fin``: the client has half-closed its previous connection and reads it to EOF, so
         if that connection is still attached here (its FIN is still on the way) it is *drained*
         rather than aborted: backend bytes go to ``conn`` from now on, the old connection is closed
         after its FIN (what it still carries goes upstream first), and ``conn`` is read only then.
+
+        ``down_received`` (mode 2, resumable sessions): the backend bytes the client already has.
+        Unless the old connection drains, the bytes it has not received are written again from
+        the replay ring (or the attach is refused with ``REPLAY_UNAVAILABLE``, leaving everything
+        as it was). The reply tells the client ``bytes_up`` (resend from there) and the stream
+        offset this connection starts at; bytes it resends that the drained connection brought
+        after all are skipped.
         """
         m = self.manager
+        old = self.client
+        drains = old is not None and old is not conn and after_fin and not old.lost
+        replay = b""
+        offsets: tuple[int, int] | None = None
+        if self.ring is not None:
+            if down_received is None:
+                raise Refused(Status.UNSUPPORTED_MODE, "this session was started in mode 2 (resumable): attach in mode 2")
+            if drains:
+                offsets = (self.bytes_up, self.bytes_down)  # the old connection delivers up to here
+            else:
+                if down_received != self.bytes_down:
+                    held = self.ring.since(down_received) if down_received < self.bytes_down else None
+                    if held is None:
+                        raise Refused(Status.REPLAY_UNAVAILABLE,
+                                      f"the client has {down_received} of {self.bytes_down} bytes sent and the "
+                                      f"missing ones are no longer held (replay_bytes = {m.replay_bytes})")
+                    replay = held
+                offsets = (self.bytes_up, down_received)
+        elif down_received is not None:
+            raise Refused(Status.UNSUPPORTED_MODE, "this session was started in mode 0 (raw): attach in mode 0")
         if self.splice is not None:
             self.splice.leave()
         if self.draining is not None:
             self._drain_done(self.draining, fin=False, abort=True)
         flags = 0
         resumed = self.state != CONNECTING
-        old = self.client
+        old = self.client  # (the previous drain, if any, was cut short above)
+        conn.up_start = self.bytes_up
         if old is not None and old is not conn and after_fin and not old.lost:
             self.draining = old  # old.session stays: its remaining bytes still go upstream
             if old.transport.can_write_eof():
@@ -170,10 +207,15 @@ class Session:
         self.client_write_paused = False
         conn.session = self
         t = conn.transport
-        t.write(encode_reply(Status.OK, "resumed" if resumed else "new session", flags))
+        t.write(encode_reply(Status.OK, "resumed" if resumed else "new session", flags, offsets))
+        if replay:
+            t.write(replay)  # already counted in bytes_down and held in the ring
+            m.metrics.replayed_bytes.inc(len(replay))
         if self.buffer:
             self.bytes_down += len(self.buffer)
             t.write(bytes(self.buffer))
+            if self.ring is not None:
+                self.ring.append(self.buffer)
             self.buffer = None
         if self.backend_eof:
             t.close()  # backend already gone: deliver what was held, then EOF
@@ -184,7 +226,7 @@ class Session:
         elif rest:
             self.bytes_up += len(rest)
             self.upstream.transport.write(rest)  # type: ignore[union-attr]
-        if m.splice_threshold is not None:
+        if m.splice_threshold is not None and self.ring is None:
             self.splice_up = self.bytes_up + m.splice_threshold
             self.splice_down = self.bytes_down + m.splice_threshold
         self._update_upstream_reading()
@@ -224,6 +266,9 @@ class Session:
             old.transport.abort()
         elif fin:
             old.transport.close()  # flush what was written before the switch, then FIN
+        c = self.client
+        if self.ring is not None and c is not None:  # what the client resent and the old one brought anyway
+            c.up_skip = max(0, self.bytes_up - c.up_start)
         if self.held_up:
             held, self.held_up = self.held_up, b""
             up = self.upstream
@@ -393,6 +438,7 @@ class SessionManager:
         metrics: SessiondMetrics,
         grace_seconds: float = 30.0,
         buffer_bytes: int = 1 << 20,
+        replay_bytes: int = 2 << 20,
         max_sessions: int = 100_000,
         header_timeout: float = 5.0,
         credential_lifetime: float = 86400.0,
@@ -405,6 +451,7 @@ class SessionManager:
         self.metrics = metrics
         self.grace_seconds = grace_seconds
         self.buffer_bytes = buffer_bytes
+        self.replay_bytes = replay_bytes
         self.max_sessions = max_sessions
         self.header_timeout = header_timeout
         self.credential_lifetime = credential_lifetime
@@ -432,16 +479,24 @@ class SessionManager:
 
     # -- attach ------------------------------------------------------------------------------
     async def attach(self, conn: "ServerConnection", cred: credentials.Credential, service: ServiceEntry,
-                     rest: bytes, via_peer: bool, after_fin: bool = False) -> None:
+                     rest: bytes, via_peer: bool, after_fin: bool = False, down_received: int | None = None) -> None:
+        """``down_received`` is None for mode 0 (raw), the client's count of backend bytes for mode 2."""
+        if down_received is not None and rest:
+            raise Refused(Status.BAD_HEADER, "mode 2: send nothing behind the header before the reply (it says where to resend from)")
         s = self.sessions.get(cred.nonce)
         if s is None:
             if cred.nonce in self.tombstones:
                 raise Refused(Status.SESSION_ENDED, "this session has ended; ask the controller for a new one")
+            if down_received:
+                raise Refused(Status.REPLAY_UNAVAILABLE, f"the client has {down_received} bytes of a session this "
+                              "cloudlet does not hold (was its sessiond restarted?)")
             if time.time() - cred.issued > self.credential_lifetime:
                 raise Refused(Status.EXPIRED, "session credential expired")
             if self.live_count() >= self.max_sessions:
                 raise Refused(Status.TOO_MANY_SESSIONS, f"this cloudlet already holds {self.max_sessions} sessions")
             s = Session(cred.nonce, service, self, cred.issued)
+            if down_received is not None:
+                s.ring = ReplayRing(self.replay_bytes)
             s.ready = self.loop.create_future()
             self.sessions[cred.nonce] = s
             host, port = service.backend_hostport
@@ -473,7 +528,7 @@ class SessionManager:
             raise Refused(Status.SESSION_ENDED, "this session has ended")
         if s.service is not service:
             raise Refused(Status.WRONG_SERVICE, "session belongs to another instance of this service")
-        s.attach(conn, rest, via_peer, after_fin)
+        s.attach(conn, rest, via_peer, after_fin, down_received)
         if conn.lost:
             s.client_gone(conn, fin=False)
 

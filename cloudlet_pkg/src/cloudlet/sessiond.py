@@ -48,6 +48,7 @@ class SessiondConfig:
     metrics_listen: str = "127.0.0.1:9701"
     grace_seconds: float = 30.0
     buffer_bytes: int = 1048576
+    replay_bytes: int = 2097152
     max_sessions: int = 100000
     header_timeout_seconds: float = 5.0
     credential_lifetime_seconds: float = 86400.0
@@ -99,6 +100,8 @@ class SessiondConfig:
                 raise ValueError(f"{key} must be positive")
         if int(self.buffer_bytes) < 1024 or int(self.max_sessions) < 1:
             raise ValueError("buffer_bytes must be at least 1024 and max_sessions at least 1")
+        if int(self.replay_bytes) < 0:
+            raise ValueError("replay_bytes must be >= 0 (0: resumable sessions replay nothing)")
 
 
 def _is_loopback(host: str) -> bool:
@@ -161,6 +164,7 @@ class Sessiond:
         self.manager = SessionManager(
             cloudlet=cfg.cloudlet, secret=secret, metrics=self.metrics,
             grace_seconds=float(cfg.grace_seconds), buffer_bytes=int(cfg.buffer_bytes),
+            replay_bytes=int(cfg.replay_bytes),
             max_sessions=int(cfg.max_sessions), header_timeout=float(cfg.header_timeout_seconds),
             credential_lifetime=float(cfg.credential_lifetime_seconds),
             backend_connect_timeout=float(cfg.backend_connect_timeout_seconds), connector=connector,

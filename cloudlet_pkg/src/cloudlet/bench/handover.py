@@ -2,8 +2,10 @@
 
 Three real ``cloudlet sessiond`` processes on loopback (``a`` the anchor, ``b`` and ``c`` with ``a``
 as a tcp peer). A backend (its own process) pushes a numbered, timestamped 16-byte record every millisecond. A client
-moves a -> b -> c -> a ... (naming the anchor ``a``), ``--moves`` times with FIN (clean detach) and
-``--moves`` times without FIN (the old connection is abandoned; the anchor takes over).
+moves a -> b -> c -> a ... (naming the anchor ``a``), ``--moves`` times for each kind: ``fin`` (a
+clean, make-before-break move), ``no_fin`` (the old connection is abandoned, as when a radio link is
+lost; the anchor takes over) and ``no_fin_resumable`` (the same in protocol mode 2: the anchor
+replays what the client did not receive). The top-level figures are those of ``fin``.
 
 The application keeps reading while the client moves (as `cloudlet agent` does). Per kind:
 ``gap_ms`` = the longest time without a record around a move (from the last record before the move
@@ -48,7 +50,7 @@ async def ticker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             writer.write(out)
             await writer.drain()
             await asyncio.sleep(max(0.0, start + seq * PERIOD - time.perf_counter()))
-    except (ConnectionError, asyncio.CancelledError):
+    except (ConnectionError, RuntimeError, asyncio.CancelledError):  # uvloop: RuntimeError once closed
         writer.close()
 
 
@@ -94,8 +96,9 @@ class Receiver:
         del buf[:pos]
 
 
-async def run_kind(fleet: Fleet, ports: dict[str, int], fin: bool, moves: int, interval: float) -> dict[str, Any]:
-    client = SessionClient("127.0.0.1", ports["a"], fleet.credential("tick"))
+async def run_kind(fleet: Fleet, ports: dict[str, int], fin: bool, moves: int, interval: float,
+                   resumable: bool = False) -> dict[str, Any]:
+    client = SessionClient("127.0.0.1", ports["a"], fleet.credential("tick"), resumable=resumable)
     await client.open()
     rx = Receiver()
 
@@ -185,9 +188,10 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         kinds = {
             "fin": await run_kind(fleet, ports, True, args.moves, args.interval),
             "no_fin": await run_kind(fleet, ports, False, args.moves, args.interval),
+            "no_fin_resumable": await run_kind(fleet, ports, False, args.moves, args.interval, resumable=True),
         }
         fin = kinds["fin"]
-        return {"moves": fin["moves"] + kinds["no_fin"]["moves"], "gap_ms_p50": fin["gap_ms_p50"],
+        return {"moves": sum(k["moves"] for k in kinds.values()), "gap_ms_p50": fin["gap_ms_p50"],
                 "gap_ms_p99": fin["gap_ms_p99"], "gap_ms_max": fin["gap_ms_max"], "bytes_lost": fin["bytes_lost"],
                 "bytes_duplicated": fin["bytes_duplicated"], "kinds": kinds, "record_period_ms": PERIOD * 1000,
                 "loop": args.loop, "client_loop": args.client_loop}
