@@ -140,3 +140,55 @@ async def test_failed_switch_falls_back_and_the_program_notices_nothing(make_ses
         await agent.stop()
     finally:
         await echo.stop()
+
+
+async def test_switches_without_fin_lose_nothing_in_resumable_mode(make_sessiond, tmp_path: Path) -> None:
+    """A program streams through the agent while it switches a <-> b without FIN (link lost)."""
+    import struct
+
+    from cloudlet.agent import Agent
+
+    from sessiond_helpers import Backend
+
+    echo = await Backend(echo=True).start()
+    try:
+        a = await make_sessiond("a")
+        b = await make_sessiond("b")
+        b.manager.connector = make_connector({"a": {"transport": "tcp", "address": peer_addr(a)}})
+        ea, _ = await a.put_service("echo", echo.address)
+        eb, _ = await b.put_service("echo", echo.address)
+        agent = Agent(issue("echo"), {"a": ("127.0.0.1", ea.port), "b": ("127.0.0.1", eb.port)}, "a", "a")
+        assert agent.resumable  # the default
+        await agent.start()
+        r, w = await asyncio.open_connection(*agent.address)
+        await wait_for(lambda: agent.client is not None and agent.client.writer is not None, what="the session")
+        total = 50_000
+        got = bytearray()
+
+        async def produce() -> None:
+            for i in range(0, total, 250):
+                w.write(struct.pack("!250Q", *range(i, i + 250)))
+                await w.drain()
+                await asyncio.sleep(0.0005)
+
+        producer = asyncio.create_task(produce())
+        moves = 0
+        while not producer.done() or moves < 6:
+            await agent.switch("b" if moves % 2 == 0 else "a", fin=False)
+            moves += 1
+            await asyncio.sleep(0.01)
+        await producer
+
+        async def consume() -> None:
+            while len(got) < total * 8:
+                got.extend(await r.read(1 << 16))
+
+        await asyncio.wait_for(consume(), 20)
+        assert list(struct.unpack(f"!{total}Q", bytes(got))) == list(range(total))  # up and down, exactly once
+        m = a.metrics
+        assert m.takeovers._value.get() + m.resumes._value.get() == moves  # type: ignore[attr-defined]
+        assert len(echo.conns) == 1
+        w.close()
+        await agent.stop()
+    finally:
+        await echo.stop()

@@ -44,6 +44,7 @@ class Agent:
     control_socket: str | None = None
     on_local_close: str = "detach"
     timeout: float = 10.0
+    resumable: bool = True  # protocol mode 2: a switch without FIN loses nothing
     switches: int = 0
     last_switch_ms: float | None = None
     client: SessionClient | None = None
@@ -87,7 +88,13 @@ class Agent:
             return
         self._local = (reader, writer)
         host, port = self.cloudlets[self.current]
-        client = SessionClient(host, port, self.credential, self._target_for(self.current), self.timeout)
+        client = self.client  # one session per agent: a later local connection resumes it, offsets and all
+        if client is None:
+            client = SessionClient(host, port, self.credential, self._target_for(self.current), self.timeout,
+                                   resumable=self.resumable)
+        else:
+            client.host, client.port, client.target = host, port, self._target_for(self.current)
+            client.clear_pending()  # what the last detach drained went to the previous program
         try:
             reply = await client.open()
         except (SessionRefused, OSError, asyncio.TimeoutError) as exc:
@@ -160,6 +167,7 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         return {"cloudlet": self.current, "anchor": self.anchor, "cloudlets": sorted(self.cloudlets),
+                "mode": "resumable" if self.resumable else "raw",
                 "connected": self._local is not None, "switches": self.switches, "last_switch_ms": self.last_switch_ms,
                 "listen": "%s:%d" % self.address}
 
@@ -220,7 +228,7 @@ async def _run(args: argparse.Namespace) -> int:
     if not cred:
         raise SystemExit("give --credential-file, --credential or CLOUDLET_SESSION")
     agent = Agent(cred, cloudlets, anchor, at, parse_hostport(args.listen, "--listen"), args.control_socket,
-                  args.on_local_close)
+                  args.on_local_close, resumable=args.mode == "resumable")
     await agent.start()
     print(json.dumps({"listen": "%s:%d" % agent.address, "control_socket": args.control_socket}), flush=True)
     stop = asyncio.Event()
@@ -281,6 +289,9 @@ def register(subparsers: Any) -> None:
     run.add_argument("--control-socket", default=DEFAULT_CONTROL, help=f"control socket (default {DEFAULT_CONTROL})")
     run.add_argument("--on-local-close", choices=["detach", "end"], default="detach",
                      help="when the program closes: keep the session for the next connection (detach) or end it")
+    run.add_argument("--mode", choices=["resumable", "raw"], default="resumable",
+                     help="session protocol mode: resumable (mode 2, the default: a switch without FIN loses "
+                     "nothing) or raw (mode 0)")
     run.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                      help="event loop: uvloop if installed (auto, the default), or plain asyncio")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -226,6 +226,10 @@ class SessionClient:
             self._retire(self.reader, self.writer)
         self.reader, self.writer, self.last_reply = reader, writer, reply
 
+    def clear_pending(self) -> None:
+        """Forget bytes kept by ``detach`` (once the caller has passed them on)."""
+        self._pending.clear()
+
     async def recv_exactly(self, n: int) -> bytes:
         out = bytearray()
         while len(out) < n:
