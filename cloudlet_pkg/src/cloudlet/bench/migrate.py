@@ -230,13 +230,10 @@ async def run_fw(image: str, moves: int, interval: float, count: int, blob: int)
         windows: list[tuple[float, float]] = []
         route = ["b", "c", "a"]
         await asyncio.sleep(0.3)
-        for i in range(moves):
+        for i in range(moves):  # the mover's application keeps reading while its device moves
             to = route[i % 3]
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
             t0 = time.perf_counter()
             await mover.handover("127.0.0.1", ports[to], target="" if to == "a" else "a", fin=True)
-            task = asyncio.create_task(mover_reader())
             await asyncio.sleep(interval)
             windows.append((t0, time.perf_counter() - interval + 0.05))
         task.cancel()
