@@ -2,20 +2,24 @@
 """The demo's device: one session through the local fleet, moved A -> B -> C, every byte checked.
 
     demo_client.py [--name cloudlet] [--service demo] [--rate 500] [--seconds 6] [--blob-mib 16]
+                   [--mode resumable|raw]
 
 1. asks cloudlet A's controller for a session credential of the demo service;
 2. attaches to A (the anchor), checks the service's per-connection state (INCR), measures the
    throughput of a BLOB read straight from A;
 3. starts a STREAM of numbered, timestamped lines; a third of the way in it moves to B with a clean
-   detach (FIN), two thirds in to C without FIN (the old connection is abandoned, as a device losing
-   its radio link would) - both times naming the anchor A, so B and C forward through their SSH
-   tunnels to A;
+   move (FIN, make-before-break), two thirds in to C without FIN (the old connection is abandoned, as
+   a device losing its radio link would) - both times naming the anchor A, so B and C forward through
+   their SSH tunnels to A. The application keeps reading while the device moves (the move runs in
+   its own task). In the default resumable mode (protocol mode 2) the move without FIN loses nothing
+   either; with ``--mode raw`` it loses what was in flight on the abandoned connection;
 4. checks every line (gaps = lost, repeats = duplicated), that INCR still counts on the same backend
    connection, measures the throughput of a BLOB read through C's forwarding, verifies every BLOB
    byte, ends the session and prints the report (also written as JSON next to the fleet's state).
 
-Exit status 0 only if the FIN handover lost and duplicated nothing, no byte was duplicated
-anywhere, every BLOB byte was right and the session kept its backend connection throughout.
+Exit status 0 only if the FIN handover lost and duplicated nothing (and, in resumable mode, the move
+without FIN too), no byte was duplicated anywhere, every BLOB byte was right and the session kept its
+backend connection throughout.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class Handover:
     to: str
     fin: bool
     at_seq: int
-    call_ms: float = 0.0  # handover() itself: detach or drop, then attach through the new cloudlet
+    call_ms: float = 0.0  # handover() itself: attach through the new cloudlet (and drop, without FIN)
     gap_ms: float = 0.0  # longest silence between two stream lines around the move
     lost_lines: int = 0
     lost_bytes: int = 0
@@ -62,6 +66,7 @@ class Report:
     service: str
     stream_lines: int
     stream_rate_per_s: int
+    mode: str
     received_lines: int = 0
     lost_lines: int = 0
     lost_bytes: int = 0
@@ -141,9 +146,10 @@ async def run(args: argparse.Namespace) -> Report:
         ports[n] = int(svc["session_port"])
     sess = controller(f"http://{addr[a]}:{args.controller_port}", token, "POST", f"/v1/services/{args.service}/sessions")
     count = args.rate * args.seconds
-    report = Report({n: f"{addr[n]}:{ports[n]}" for n in names}, args.service, count, args.rate)
+    report = Report({n: f"{addr[n]}:{ports[n]}" for n in names}, args.service, count, args.rate, args.mode)
 
-    client = SessionClient(sess.get("host", addr[a]), int(sess.get("port", ports[a])), sess["session"])
+    client = SessionClient(sess.get("host", addr[a]), int(sess.get("port", ports[a])), sess["session"],
+                           resumable=args.mode == "resumable")
     await client.open()
     lr = LineReader(client)
     hello = await lr.line()
@@ -160,6 +166,13 @@ async def run(args: argparse.Namespace) -> Report:
     await client.send(f"STREAM {1_000_000 // args.rate} {count}\n".encode())
     seen: set[int] = set()
     arrivals: list[tuple[int, float]] = []
+    moving: asyncio.Task[None] | None = None
+
+    async def move(h: Handover) -> None:
+        t0 = time.perf_counter()
+        await client.handover(addr[h.to], ports[h.to], target=a, fin=h.fin)
+        h.call_ms = (time.perf_counter() - t0) * 1000
+
     expected = 1
     pending = list(plan)
     resync = False
@@ -175,7 +188,6 @@ async def run(args: argparse.Namespace) -> Report:
             if not resync:
                 raise RuntimeError(f"unexpected line {line[:80]!r}")
             continue
-        resync = False
         seq = int(m.group(1))
         done = plan[: len(plan) - len(pending)]  # the moves made so far
         if seq in seen:
@@ -197,16 +209,15 @@ async def run(args: argparse.Namespace) -> Report:
         arrivals.append((seq, now))
         if pending and seq >= pending[0].at_seq:
             h = pending.pop(0)
-            t0 = time.perf_counter()
-            if h.fin:
-                await client.handover(addr[h.to], ports[h.to], target=a, fin=True)
-            else:
-                # The bytes in the abandoned connection are gone: drop the partial line we hold.
-                report.discarded_bytes += len(lr.buf)
-                lr.buf.clear()
-                await client.handover(addr[h.to], ports[h.to], target=a, fin=False)
+            if moving is not None:
+                await moving  # one move at a time
+            if not h.fin and args.mode == "raw":
+                # Raw mode: the bytes in flight on the abandoned connection are gone, so a line can be
+                # cut where the old connection's last bytes meet the new one's first: skip such lines.
                 resync = True
-            h.call_ms = (time.perf_counter() - t0) * 1000
+            moving = asyncio.create_task(move(h))  # the application keeps reading meanwhile
+    if moving is not None:
+        await moving
     report.received_lines = len(seen)
     if expected <= count:
         report.lost_lines += count - expected + 1
@@ -228,8 +239,8 @@ async def run(args: argparse.Namespace) -> Report:
     await client.end()
     await client.close()
 
-    fin_leg = plan[0]
-    report.ok = (fin_leg.lost_lines == 0 and report.duplicated_lines == 0
+    must_be_whole = [h for h in plan if h.fin or args.mode == "resumable"]
+    report.ok = (all(h.lost_lines == 0 for h in must_be_whole) and report.duplicated_lines == 0
                  and report.blob_bytes_wrong == 0 and report.same_backend_connection)
     (state / "demo-report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
@@ -238,7 +249,7 @@ async def run(args: argparse.Namespace) -> Report:
 def print_report(r: Report) -> None:
     a, b, c = list(r.cloudlets)
     print()
-    print(f"== demo report: one session on service {r.service!r}, anchored on cloudlet {a}")
+    print(f"== demo report: one session on service {r.service!r}, anchored on cloudlet {a}, mode {r.mode}")
     for n, where in r.cloudlets.items():
         print(f"   cloudlet {n}: session port {where}")
     print(f"   stream: {r.stream_lines} lines at {r.stream_rate_per_s}/s; received {r.received_lines}, "
@@ -255,8 +266,12 @@ def print_report(r: Report) -> None:
           f"{r.throughput_forwarded_mib_s:.1f} MiB/s forwarded {c} -> {a} through the SSH tunnel")
     print(f"   BLOB bytes checked: {r.blob_bytes_checked}, wrong: {r.blob_bytes_wrong}; "
           f"same backend connection throughout (INCR 1 then 2): {'yes' if r.same_backend_connection else 'NO'}")
-    print("   a move without FIN loses what was in flight on the abandoned connection (raw mode, "
-          "docs/protocol.md); a move with FIN loses nothing")
+    if r.mode == "raw":
+        print("   mode raw: a move without FIN loses what was in flight on the abandoned connection "
+              "(docs/protocol.md); a move with FIN loses nothing")
+    else:
+        print("   mode resumable (protocol mode 2): the anchor wrote again what the abandoned connection "
+              "never delivered, so neither move lost or repeated anything")
     print(f"== demo {'PASSED' if r.ok else 'FAILED'}")
 
 
@@ -268,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=500, help="stream lines per second")
     parser.add_argument("--seconds", type=int, default=6, help="stream duration")
     parser.add_argument("--blob-mib", type=int, default=16, help="size of each throughput read")
+    parser.add_argument("--mode", choices=["resumable", "raw"], default="resumable",
+                        help="session protocol mode: resumable (mode 2, default) or raw (mode 0)")
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))
     print_report(report)
