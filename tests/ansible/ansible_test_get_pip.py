@@ -18,6 +18,7 @@ Two uses:
     runs in), then lets pip install what ansible-test asked for from the configured index. get-pip's
     own options --no-setuptools/--no-wheel are dropped.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,11 +40,19 @@ def install_cache() -> str:
     import ansible_test
     from ansible_test._internal.python_requirements import get_venv_packages
 
-    source = pathlib.Path(ansible_test.__file__).parent / "_util" / "target" / "setup" / "requirements.py"
+    source = (
+        pathlib.Path(ansible_test.__file__).parent
+        / "_util"
+        / "target"
+        / "setup"
+        / "requirements.py"
+    )
     if CACHE_TEMPLATE not in source.read_text(encoding="utf-8"):
-        sys.exit(f"ansible_test_get_pip: {source} no longer builds its cache path as {CACHE_TEMPLATE!r}; "
-                 "update CACHE_TEMPLATE in this script")
-    version = "%d.%d" % sys.version_info[:2]
+        sys.exit(
+            f"ansible_test_get_pip: {source} no longer builds its cache path as {CACHE_TEMPLATE!r}; "
+            "update CACHE_TEMPLATE in this script"
+        )
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
     pip_version = get_venv_packages(types.SimpleNamespace(version=version))["pip"]
     target = os.path.expanduser(CACHE_TEMPLATE % pip_version.replace(".", "_"))
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -53,8 +62,12 @@ def install_cache() -> str:
 
 def bootstrap(args: list[str]) -> None:
     """Act as get-pip.py: ensurepip, then `pip install <args>` from the configured index."""
-    subprocess.check_call([sys.executable, "-m", "ensurepip", "--upgrade"], stdout=subprocess.DEVNULL)
-    sys.argv = ["pip", "install"] + [a for a in args if a not in ("--no-setuptools", "--no-wheel")]
+    subprocess.check_call(
+        [sys.executable, "-m", "ensurepip", "--upgrade"], stdout=subprocess.DEVNULL
+    )
+    sys.argv = ["pip", "install"] + [
+        a for a in args if a not in ("--no-setuptools", "--no-wheel")
+    ]
     runpy.run_module("pip", run_name="__main__", alter_sys=True)
 
 
