@@ -313,10 +313,12 @@ async def test_refused_handover_leaves_the_old_connection_working(make_sessiond,
     assert s["state"] == "attached" and daemons["a"].metrics.resumes._value.get() == 0  # type: ignore[attr-defined]
 
 
-async def test_recv_runs_on_through_moves_both_ways_in_order(make_sessiond, echo_backend: Backend) -> None:
+@pytest.mark.parametrize("resumable", [False, True], ids=["mode0", "mode2"])
+async def test_recv_runs_on_through_moves_both_ways_in_order(make_sessiond, echo_backend: Backend,
+                                                             resumable: bool) -> None:
     """The application reads and writes in its own tasks while the client moves a -> b -> a ..."""
     daemons, ports = await fleet(make_sessiond, echo_backend, ("a", "b"))
-    client = SessionClient("127.0.0.1", ports["a"], issue("svc"))
+    client = SessionClient("127.0.0.1", ports["a"], issue("svc"), resumable=resumable)
     await client.open()
     total = 200_000
     got = bytearray()
