@@ -148,7 +148,7 @@ class TcpPeerConnector:
 class CompositeConnector:
     """Dispatches ``open(peer)`` to the connector of that peer's transport; never hangs."""
 
-    def __init__(self, routes: dict[str, Any], connectors: list[Any], open_timeout: float = 5.0) -> None:
+    def __init__(self, routes: dict[str, PeerConnector], connectors: list[PeerConnector], open_timeout: float = 5.0) -> None:
         self.routes = routes
         self.connectors = connectors
         self.open_timeout = open_timeout
@@ -210,8 +210,8 @@ def make_connector(peers: dict[str, dict[str, Any]], connect_timeout: float = 3.
         if transport not in TRANSPORTS:
             raise ValueError(f"peer {name!r}: transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
         by_transport[transport][name] = cfg
-    routes: dict[str, Any] = {}
-    connectors: list[Any] = []
+    routes: dict[str, PeerConnector] = {}
+    connectors: list[PeerConnector] = []
     if by_transport["tcp"]:
         tcp = TcpPeerConnector.from_config(by_transport["tcp"], connect_timeout)
         connectors.append(tcp)

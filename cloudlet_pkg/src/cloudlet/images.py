@@ -151,4 +151,9 @@ def register(subparsers: Any) -> None:
     build.add_argument("--cc", default="gcc", help="C compiler (default gcc)")
     build.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     build.set_defaults(func=_cmd_build_demo)
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+    def show_help(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=show_help)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cloudlet import credentials
@@ -401,7 +402,7 @@ def _fmt(addr: tuple[str, int] | None) -> str | None:
 
 
 @web.middleware
-async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:

@@ -243,7 +243,7 @@ class _DirectData:
         if enc is not self._enc:
             self._enc = enc
             self._aead = None
-            cipher = getattr(enc, "_cipher", None)
+            cipher: Any = getattr(enc, "_cipher", None)  # asyncssh internals, checked by name below
             if (type(enc).__name__ == "GCMEncryption" and type(cipher).__name__ == "GCMCipher"
                     and hasattr(cipher, "_iv") and hasattr(cipher, "_update_iv")):
                 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -379,7 +379,7 @@ class _DirectRecv:
         if enc is not self._enc:
             self._enc = enc
             self._aead = None
-            cipher = getattr(enc, "_cipher", None)
+            cipher: Any = getattr(enc, "_cipher", None)  # asyncssh internals, checked by name below
             if (type(enc).__name__ == "GCMEncryption" and type(cipher).__name__ == "GCMCipher"
                     and hasattr(cipher, "_iv")):
                 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -589,7 +589,7 @@ class _ChannelTransport(asyncio.Transport):
         return self._chan.get_extra_info(name, default)
 
 
-class _ChannelSession(asyncssh.SSHTCPSession):  # type: ignore[type-arg]
+class _ChannelSession(asyncssh.SSHTCPSession[bytes]):
     """Feeds channel events to an ``asyncio.StreamReaderProtocol``; counts the open channel."""
 
     def __init__(self, tunnel: "PeerTunnel", protocol: asyncio.StreamReaderProtocol) -> None:

@@ -81,7 +81,8 @@ class Sink:
         send()
         if not self.parent.poll(120):
             raise RuntimeError("sink did not finish")
-        return self.parent.recv()  # type: ignore[no-any-return]
+        result: tuple[int, float] = self.parent.recv()  # the sink sends (bytes, seconds)
+        return result
 
     def close(self) -> None:
         self.proc.terminate()

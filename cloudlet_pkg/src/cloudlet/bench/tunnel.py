@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 SINK = r"""
 import socket, sys, threading
@@ -166,8 +166,9 @@ class _UpstreamProtocol(asyncio.BufferedProtocol):
         self.data_received(self.buffer[:nbytes])
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
-        transport.pause_reading()
+        # A TCP server's transport (asyncio's or uvloop's) reads and writes.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
         asyncio.get_running_loop().create_task(self._open())
 
     async def _open(self) -> None:
