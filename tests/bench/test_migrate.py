@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def feed_lines(rx: Lines, seqs: list[int], times: list[float]) -> None:
-    for s, t in zip(seqs, times):
+    for s, t in zip(seqs, times, strict=True):
         rx.feed(f"MSG {s} 0\n".encode(), t)
 
 

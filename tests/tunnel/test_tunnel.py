@@ -91,7 +91,7 @@ async def test_channel_carries_bytes_both_ways_with_half_close(sshd: TunnelSshd,
         # several channels at once on the one warm connection, each with its own bytes
         pairs = [await c.open("a") for _ in range(8)]
         payloads = [os.urandom(200_000 + i) for i in range(8)]
-        results = await asyncio.gather(*(roundtrip(r, w, p) for (r, w), p in zip(pairs, payloads)))
+        results = await asyncio.gather(*(roundtrip(r, w, p) for (r, w), p in zip(pairs, payloads, strict=True)))
         assert results == payloads
         for _, w in pairs:
             w.close()
@@ -147,7 +147,7 @@ async def test_fast_path_survives_many_rekeys(sshd: TunnelSshd) -> None:
         conn._send_kexinit = counting_kexinit
         pairs = [await c.open("a") for _ in range(3)]
         payloads = [os.urandom(3_000_000 + i) for i in range(3)]
-        results = await asyncio.gather(*(roundtrip(r, w, p) for (r, w), p in zip(pairs, payloads)))
+        results = await asyncio.gather(*(roundtrip(r, w, p) for (r, w), p in zip(pairs, payloads, strict=True)))
         assert results == payloads
         assert c.status()[0]["state"] == "up" and c.status()[0]["fast_path"] is True
         assert conn is c.tunnels["a"]._conn  # the same connection: rekeyed, never dropped

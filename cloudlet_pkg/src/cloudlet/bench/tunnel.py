@@ -396,7 +396,7 @@ async def run_bench(megabytes: int, rounds: int, cipher: str, compare_ciphers: b
         best_o = max(r.gbps for r in openssh_runs)
         best_a = max(r.gbps for r in asyncssh_runs)
         ratio = best_a / best_o if best_o else 0.0
-        paired = statistics.median(a.gbps / o.gbps for a, o in zip(asyncssh_runs, openssh_runs))
+        paired = statistics.median(a.gbps / o.gbps for a, o in zip(asyncssh_runs, openssh_runs, strict=True))
         result: dict[str, Any] = {
             "openssh_gbps": round(best_o, 3),
             "asyncssh_gbps": round(best_a, 3),
