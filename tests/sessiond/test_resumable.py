@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 
-import pytest
-
-from cloudlet.client import SessionClient, SessionRefused
+from cloudlet.client import SessionClient
 from cloudlet.protocol import HEADER_AFTER_FIN, Mode, Op, Status, encode_header, read_reply
 
 from sessiond_helpers import Backend, issue, raw_connect, wait_for

@@ -60,7 +60,8 @@ class Agent:
     @property
     def address(self) -> tuple[str, int]:
         assert self.server is not None
-        return self.server.sockets[0].getsockname()[:2]
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle_local, *self.listen, limit=READ_SIZE)

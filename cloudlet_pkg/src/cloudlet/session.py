@@ -515,7 +515,7 @@ class SessionManager:
             if s.state == ENDED:
                 up.transport.close()  # type: ignore[union-attr]
                 raise Refused(Status.SESSION_ENDED, "session ended while it was being set up")
-            s.upstream = up  # type: ignore[assignment]
+            s.upstream = up
             self.metrics.sessions_started.inc()
             s.ready.set_result(None)
             s.ready = None

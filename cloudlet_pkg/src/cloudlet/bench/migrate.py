@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -99,12 +100,12 @@ class Lines:
             return None
         first = max(idx[0] - 1, 0)
         window = times[first: idx[-1] + 2]
-        return max((b - a) * 1000 for a, b in zip(window, window[1:])) if len(window) > 1 else None
+        return max((b - a) * 1000 for a, b in itertools.pairwise(window)) if len(window) > 1 else None
 
     def max_gap(self, skip_first: float = 0.05) -> float:
         t0 = self.arrivals[0] + skip_first if self.arrivals else 0
         times = [t for t in self.arrivals if t >= t0]
-        return max(((b - a) * 1000 for a, b in zip(times, times[1:])), default=0.0)
+        return max(((b - a) * 1000 for a, b in itertools.pairwise(times)), default=0.0)
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -261,7 +262,7 @@ async def run_lm(image: str, moves: int, interval: float, count: int, workdir: P
         rxs = [Lines(), Lines()]
         for _, w in conns:
             w.write(f"STREAM 1000 {count}\n".encode())
-        tasks = [asyncio.create_task(_stream(r, rx)) for (r, _), rx in zip(conns, rxs)]
+        tasks = [asyncio.create_task(_stream(r, rx)) for (r, _), rx in zip(conns, rxs, strict=True)]
         await asyncio.sleep(0.3)
         windows, costs = [], []
         for i in range(moves):
