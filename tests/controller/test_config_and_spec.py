@@ -45,12 +45,22 @@ def test_defaults_and_full_config(tmp_path) -> None:
         ({"controller": {"cloudlet": "a", "ready_timeout_seconds": 0}}, "must be > 0"),
         ({"controller": {"cloudlet": "a", "token_file": 5}}, "controller.token_file has the wrong type"),
         ({"controller": {"cloudlet": "a"}, "podman": {"sock": "x"}}, "unknown key(s) in [podman]"),
+        ({"controller": {"cloudlet": "a", "runtime_events": "yes"}}, "controller.runtime_events must be true or false"),
+        ({"controller": {"cloudlet": "a", "event_debounce_seconds": -1}}, "event_debounce_seconds must be a number 0..10"),
+        ({"controller": {"cloudlet": "a", "event_debounce_seconds": True}}, "event_debounce_seconds"),
     ],
 )
 def test_bad_config_is_a_clear_error(data: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         from_dict(data)
     assert needle in str(info.value)
+
+
+def test_runtime_events_keys() -> None:
+    cfg = from_dict({"controller": {"cloudlet": "a"}})
+    assert cfg.runtime_events is True and cfg.event_debounce_seconds == 0.05
+    cfg = from_dict({"controller": {"cloudlet": "a", "runtime_events": False, "event_debounce_seconds": 0}})
+    assert cfg.runtime_events is False and cfg.event_debounce_seconds == 0.0
 
 
 def test_unreadable_and_invalid_files(tmp_path) -> None:

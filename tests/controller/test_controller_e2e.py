@@ -270,12 +270,17 @@ async def test_reconcile_starts_a_stopped_container_again(stack: Stack, demo_ima
 
     status, svc = await stack.api("PUT", "/v1/services/boot", demo_body(demo_image))
     assert status == 201
-    podman("stop", "-t", "0", f"cloudlet-{stack.cloudlet}-boot")  # as after a host reboot
+    name = f"cloudlet-{stack.cloudlet}-boot"
+    started = podman("inspect", "--format", "{{.State.StartedAt}}", name).stdout.strip()
+    # as after a host reboot; the controller may start it again (on the `died` event) before the
+    # CLI's own cleanup finishes, and `podman stop` then exits 125: the restart below is what counts
+    podman("stop", "-t", "0", name, check=False)
 
     async def running_again() -> bool:
         _, got = await stack.api("GET", "/v1/services/boot")
         reg = (await stack.registered()).get("boot")
-        return got["state"] == "running" and reg is not None and reg["backend"] == got["backend"]
+        restarted = podman("inspect", "--format", "{{.State.StartedAt}}", name).stdout.strip() != started
+        return restarted and got["state"] == "running" and reg is not None and reg["backend"] == got["backend"]
 
     await poll(running_again, 30, "reconcile to start the container and register its backend")
     _, reader, writer = await open_session(stack, "boot")

@@ -11,15 +11,21 @@ import hmac
 import json
 import logging
 import time
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cloudlet.controller.config import ControllerConfig
 from cloudlet.controller.metrics import ControllerMetrics
-from cloudlet.controller.runtime.base import Instance, RuntimeFailure, ServiceSpec, SpecError
+from cloudlet.controller.runtime.base import (
+    Instance,
+    RuntimeFailure,
+    ServiceSpec,
+    SpecError,
+)
 from cloudlet.controller.service import ControllerError, ServiceManager
 from cloudlet.controller.sessiond_client import SessiondError, SessiondUnavailable
 from cloudlet.logs import event
@@ -55,7 +61,7 @@ def service_json(inst: Instance, config: ControllerConfig, runtime: str) -> dict
         "cloudlet": config.cloudlet,
         "runtime": runtime,
         "backend": inst.backend,
-        "created": datetime.fromtimestamp(inst.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": datetime.fromtimestamp(inst.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 
@@ -96,7 +102,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
     except asyncio.CancelledError:
         status = 499
         raise
-    except Exception as exc:  # noqa: BLE001 - one bad request must not take the daemon down
+    except Exception as exc:
         log.exception("request failed")
         return error_response(500, "internal", f"internal error: {type(exc).__name__}: {exc}")
     finally:
@@ -119,12 +125,12 @@ async def health(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(manager.runtime.ping(), 5)
         checks["runtime"] = "ok"
-    except (RuntimeFailure, asyncio.TimeoutError) as exc:
+    except (TimeoutError, RuntimeFailure) as exc:
         checks["runtime"] = f"error: {exc}"
     try:
         await asyncio.wait_for(manager.sessiond.health(), 5)
         checks["sessiond"] = "ok"
-    except (SessiondUnavailable, SessiondError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, SessiondUnavailable, SessiondError) as exc:
         checks["sessiond"] = f"error: {exc}"
     ok = all(v == "ok" for v in checks.values())
     return web.json_response({
@@ -134,6 +140,7 @@ async def health(request: web.Request) -> web.Response:
         "checks": checks,
         "last_reconcile": manager.last_reconcile,
         "last_reconcile_error": manager.last_reconcile_error,
+        "runtime_events": manager.event_stream,
     })
 
 

@@ -13,6 +13,8 @@ session_listen = "0.0.0.0"              # where sessiond listens for a service's
 port_range = [31000, 31999]
 ready_timeout_seconds = 30
 reconcile_interval_seconds = 5
+runtime_events = true                   # reconcile at once on container events (podman)
+event_debounce_seconds = 0.05           # a burst of events within this gives one pass
 max_services = 500
 
 [podman]
@@ -65,6 +67,8 @@ class ControllerConfig:
     port_range: tuple[int, int] = (31000, 31999)
     ready_timeout_seconds: float = 30.0
     reconcile_interval_seconds: float = 5.0
+    runtime_events: bool = True
+    event_debounce_seconds: float = 0.05
     max_services: int = 500
     podman: PodmanConfig = field(default_factory=PodmanConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
@@ -119,6 +123,14 @@ def from_dict(data: dict[str, Any]) -> ControllerConfig:
         values[key] = float(_typed(c, "controller", key, (int, float), getattr(defaults, key)))
         if values[key] <= 0:
             raise ConfigError(f"controller.{key} must be > 0")
+    debounce = c.get("event_debounce_seconds", defaults.event_debounce_seconds)
+    if not isinstance(debounce, (int, float)) or isinstance(debounce, bool) or not 0 <= debounce <= 10:
+        raise ConfigError("controller.event_debounce_seconds must be a number 0..10")
+    values["event_debounce_seconds"] = float(debounce)
+    events = c.get("runtime_events", defaults.runtime_events)
+    if not isinstance(events, bool):
+        raise ConfigError("controller.runtime_events must be true or false")
+    values["runtime_events"] = events
     values["max_services"] = _typed(c, "controller", "max_services", int, defaults.max_services)
     if values["max_services"] < 1:
         raise ConfigError("controller.max_services must be >= 1")

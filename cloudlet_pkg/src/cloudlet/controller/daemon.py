@@ -75,9 +75,8 @@ class ControllerDaemon:
         host, port = self.config.listen_host_port
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp exposes the bound sockets only here
-        sock = server.sockets[0] if server and server.sockets else None
-        self.address = (sock.getsockname()[0], sock.getsockname()[1]) if sock else (host, port)
+        bound = self._runner.addresses  # (host, port[, flow, scope]) of each listening socket
+        self.address = (str(bound[0][0]), int(bound[0][1])) if bound else (host, port)
         if reconcile:
             self.manager.start()
         event(log, logging.INFO, "controller listening", cloudlet=self.config.cloudlet,

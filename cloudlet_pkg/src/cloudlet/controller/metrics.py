@@ -35,7 +35,24 @@ class ControllerMetrics:
             "cloudlet_controller_repairs_total",
             "Repairs made by reconcile (registered, unregistered, restarted)", ["action"], registry=r,
         )
+        self.reconcile_passes = Counter(
+            "cloudlet_controller_reconcile_passes_total",
+            "Reconcile passes by what started them (start, interval, event, resync)", ["trigger"], registry=r,
+        )
+        self.runtime_events = Counter(
+            "cloudlet_controller_runtime_events_total",
+            "Container events of this cloudlet's services seen on the runtime's event stream", ["action"], registry=r,
+        )
+        self.event_stream_connects = Counter(
+            "cloudlet_controller_event_stream_connects_total",
+            "Connects (first and reconnects) of the runtime's event stream", registry=r,
+        )
+        self.event_stream_up = Gauge(
+            "cloudlet_controller_event_stream_up", "1 while the runtime's event stream is connected", registry=r
+        )
         for s in ("running", "starting", "failed"):
             self.services.labels(s)
         for res in ("ok", "error"):
             self.reconciles.labels(res)
+        for trigger in ("start", "interval", "event", "resync"):
+            self.reconcile_passes.labels(trigger)

@@ -1,9 +1,13 @@
 """The controller's logic: create, delete and reconcile services across runtime and sessiond.
 
-The runtime's labels are the source of truth. Every create and delete holds a per-service lock; the
-periodic reconcile skips services with an operation in flight, registers running services that
+The runtime's labels are the source of truth. Every create and delete holds a per-service lock; a
+reconcile pass skips services with an operation in flight, registers running services that
 sessiond does not know (or knows with an old backend or port), removes sessiond registrations
 without a container, and starts containers that stopped (for example after a host reboot).
+
+Passes run one at a time in one task: at start, every ``reconcile_interval_seconds``, and at once
+(after ``event_debounce_seconds``, so a burst of events gives one pass) when the runtime's event
+stream reports a change of one of this cloudlet's services.
 """
 
 from __future__ import annotations
@@ -18,8 +22,20 @@ from typing import Any
 from cloudlet import credentials
 from cloudlet.controller.config import ControllerConfig
 from cloudlet.controller.metrics import ControllerMetrics
-from cloudlet.controller.runtime.base import Instance, Runtime, RuntimeFailure, ServiceSpec
-from cloudlet.controller.sessiond_client import SessiondClient, SessiondError, SessiondUnavailable
+from cloudlet.controller.runtime.base import (
+    LOST,
+    RESYNC,
+    Instance,
+    Runtime,
+    RuntimeEvent,
+    RuntimeFailure,
+    ServiceSpec,
+)
+from cloudlet.controller.sessiond_client import (
+    SessiondClient,
+    SessiondError,
+    SessiondUnavailable,
+)
 from cloudlet.logs import event
 
 log = logging.getLogger(__name__)
@@ -58,7 +74,12 @@ class ServiceManager:
         self._reserved_ports: set[int] = set()
         self._port_lock = asyncio.Lock()
         self._reconcile_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._reconcile_lock = asyncio.Lock()
+        self._wake = asyncio.Event()  # set by runtime events: a pass is due
+        self._wake_trigger = "event"
+        self._restarted_at: dict[str, float] = {}  # monotonic time of each service's last restart
+        self.event_stream = "off" if not config.runtime_events else "connecting"
         self.last_reconcile: float | None = None
         self.last_reconcile_error: str | None = None
 
@@ -228,22 +249,43 @@ class ServiceManager:
 
     # -- reconcile -----------------------------------------------------------------------------
 
-    async def reconcile(self) -> dict[str, int]:
-        """One pass: make sessiond serve exactly the runtime's services. Returns repair counts."""
+    async def reconcile(self, trigger: str = "interval") -> dict[str, int]:
+        """One pass: make sessiond serve exactly the runtime's services. Returns repair counts.
+
+        A service found stopped is started again at once, except on an ``event`` pass when this
+        controller restarted it less than ``reconcile_interval_seconds`` ago: a crash-looping
+        service is then unregistered (sessiond must not relay to a dead address) and left to the
+        next interval pass, so it restarts at most about twice per interval.
+        """
         async with self._reconcile_lock:
-            repairs = {"registered": 0, "unregistered": 0, "restarted": 0}
+            repairs = {"registered": 0, "unregistered": 0, "restarted": 0, "deferred": 0}
             instances = await self.runtime.list()
             registered = await self.sessiond.services()
             busy = {name for name, lock in self._locks.items() if lock.locked()}
             by_name = {i.name: i for i in instances}
+            for gone in set(self._restarted_at) - set(by_name):
+                del self._restarted_at[gone]
             for inst in instances:
                 if inst.name in busy:
                     continue
                 if inst.state != "running":
+                    last = self._restarted_at.get(inst.name)
+                    if (trigger == "event" and last is not None
+                            and time.monotonic() - last < self.config.reconcile_interval_seconds):
+                        repairs["deferred"] += 1
+                        event(log, logging.WARNING, "service stopped again soon after a restart; "
+                              "next start at the interval pass", service=inst.name,
+                              interval=self.config.reconcile_interval_seconds)
+                        if inst.name in registered:
+                            await self.sessiond.delete_service(inst.name)
+                            repairs["unregistered"] += 1
+                        continue
                     try:
+                        self._restarted_at[inst.name] = time.monotonic()
                         inst = await self.runtime.ensure_running(inst)
                         repairs["restarted"] += 1
-                        event(log, logging.INFO, "stopped container started again", service=inst.name)
+                        event(log, logging.INFO, "stopped container started again", service=inst.name,
+                              trigger=trigger, backend=inst.backend)
                     except RuntimeFailure as exc:
                         event(log, logging.WARNING, "service cannot be started", service=inst.name, error=str(exc))
                         if inst.name in registered:
@@ -256,47 +298,103 @@ class ServiceManager:
                     await self._register(inst)
                     repairs["registered"] += 1
                     event(log, logging.INFO, "service registered with sessiond", service=inst.name,
-                          session_port=inst.session_port, backend=inst.backend)
+                          session_port=inst.session_port, backend=inst.backend, trigger=trigger)
             for name in registered:
                 if name not in by_name and name not in busy:
                     await self.sessiond.delete_service(name)
                     repairs["unregistered"] += 1
-                    event(log, logging.INFO, "stale sessiond registration removed", service=name)
+                    event(log, logging.INFO, "stale sessiond registration removed", service=name, trigger=trigger)
             for state in ("running", "starting", "failed"):
                 self.metrics.services.labels(state).set(sum(1 for i in instances if i.state == state))
             for action, n in repairs.items():
-                if n:
+                if n and action != "deferred":
                     self.metrics.repairs.labels(action).inc(n)
             return repairs
 
+    async def _reconcile_pass(self, trigger: str) -> None:
+        self.metrics.reconcile_passes.labels(trigger).inc()
+        try:
+            await self.reconcile(trigger)
+            self.metrics.reconciles.labels("ok").inc()
+            self.last_reconcile, self.last_reconcile_error = time.time(), None
+        except asyncio.CancelledError:
+            raise
+        except (RuntimeFailure, SessiondUnavailable, SessiondError, ControllerError) as exc:
+            self.metrics.reconciles.labels("error").inc()
+            if self.last_reconcile_error != str(exc):
+                event(log, logging.WARNING, "reconcile failed; will retry", error=str(exc), trigger=trigger)
+            self.last_reconcile_error = str(exc)
+        except Exception as exc:
+            self.metrics.reconciles.labels("error").inc()
+            self.last_reconcile_error = str(exc)
+            log.exception("reconcile crashed; will retry")
+
+    async def _next_trigger(self) -> str:
+        """Wait for the interval to pass or for a runtime event (then the debounce), whichever first."""
+        try:
+            async with asyncio.timeout(self.config.reconcile_interval_seconds):
+                await self._wake.wait()
+        except TimeoutError:
+            return "interval"
+        await asyncio.sleep(self.config.event_debounce_seconds)
+        return self._wake_trigger
+
     async def _reconcile_loop(self) -> None:
+        trigger = "start"
         while True:
-            try:
-                await self.reconcile()
-                self.metrics.reconciles.labels("ok").inc()
-                self.last_reconcile, self.last_reconcile_error = time.time(), None
-            except asyncio.CancelledError:
-                raise
-            except (RuntimeFailure, SessiondUnavailable, SessiondError, ControllerError) as exc:
-                self.metrics.reconciles.labels("error").inc()
-                if self.last_reconcile_error != str(exc):
-                    event(log, logging.WARNING, "reconcile failed; will retry", error=str(exc))
-                self.last_reconcile_error = str(exc)
-            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
-                self.metrics.reconciles.labels("error").inc()
-                self.last_reconcile_error = str(exc)
-                log.exception("reconcile crashed; will retry")
-            await asyncio.sleep(self.config.reconcile_interval_seconds)
+            # events from here on (during the pass, too) ask for another pass after this one
+            self._wake.clear()
+            self._wake_trigger = "resync"
+            await self._reconcile_pass(trigger)
+            trigger = await self._next_trigger()
+
+    @property
+    def reconcile_pending(self) -> bool:
+        """True while a pass runs or one is due because of an event."""
+        return self._wake.is_set() or self._reconcile_lock.locked()
+
+    def on_runtime_event(self, ev: RuntimeEvent) -> None:
+        """The runtime's ``watch`` callback: count and log the event, and ask for a pass at once."""
+        if ev.action == LOST:
+            self.event_stream = "disconnected"
+            self.metrics.event_stream_up.set(0)
+            return
+        if ev.action == RESYNC:
+            self.event_stream = "connected"
+            self.metrics.event_stream_up.set(1)
+            self.metrics.event_stream_connects.inc()
+        else:
+            self.metrics.runtime_events.labels(ev.action).inc()
+            event(log, logging.INFO, "runtime event", service=ev.service, action=ev.action, ref=ev.ref)
+            self._wake_trigger = "event"
+        self._wake.set()
+
+    async def _watch(self) -> None:
+        try:
+            await self.runtime.watch(self.on_runtime_event)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("runtime event watcher crashed; only the periodic reconcile runs")
+            self.event_stream = "failed"
+            self.metrics.event_stream_up.set(0)
+            return
+        self.event_stream = "unsupported"  # this runtime has no event source
+        event(log, logging.INFO, "runtime has no event stream; periodic reconcile only", runtime=self.runtime.name,
+              interval=self.config.reconcile_interval_seconds)
 
     def start(self) -> None:
         if self._reconcile_task is None:
             self._reconcile_task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
+        if self._watch_task is None and self.config.runtime_events:
+            self._watch_task = asyncio.create_task(self._watch(), name="runtime-events")
 
     async def stop(self) -> None:
-        if self._reconcile_task is not None:
-            self._reconcile_task.cancel()
-            try:
-                await self._reconcile_task
-            except asyncio.CancelledError:
-                pass
-            self._reconcile_task = None
+        for task in (self._watch_task, self._reconcile_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._watch_task = self._reconcile_task = None

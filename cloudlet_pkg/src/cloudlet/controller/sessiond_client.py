@@ -7,7 +7,6 @@ read what sessiond already serves when it reconciles.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +39,7 @@ class RegisteredService:
     sessions: int
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "RegisteredService":
+    def from_json(cls, data: dict[str, Any]) -> RegisteredService:
         return cls(
             name=str(data["name"]),
             port=int(data["port"]),
@@ -76,7 +75,7 @@ class SessiondClient:
                 status = resp.status
         except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
             raise SessiondUnavailable(f"sessiond control socket {self.socket_path} unreachable: {exc}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise SessiondUnavailable(f"sessiond control socket {self.socket_path} timed out") from exc
         if status not in ok:
             code, message = "internal", data.decode(errors="replace")

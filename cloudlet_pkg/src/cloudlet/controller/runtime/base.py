@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -99,7 +100,7 @@ class ServiceSpec:
         return hashlib.sha256(self.canonical().encode()).hexdigest()[:32]
 
     @classmethod
-    def from_request(cls, name: str, body: Any) -> "ServiceSpec":
+    def from_request(cls, name: str, body: Any) -> ServiceSpec:
         """Validate an API request body (``PUT /v1/services/{name}``)."""
         if not NAME_RE.match(name):
             raise SpecError(f"invalid service name {name!r}: use [a-z0-9][a-z0-9-]{{0,31}}")
@@ -148,7 +149,7 @@ class ServiceSpec:
         )
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ServiceSpec":
+    def from_json(cls, data: dict[str, Any]) -> ServiceSpec:
         """Read a spec back from a runtime label (same validation as a request)."""
         return cls.from_request(str(data.get("name", "")), data)
 
@@ -167,6 +168,27 @@ class Instance:
     @property
     def name(self) -> str:
         return self.spec.name
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeEvent:
+    """A change a runtime reported, handed to the ``on_change`` callback of :meth:`Runtime.watch`.
+
+    ``action`` is the runtime's word for a service's change (podman: ``died``, ``stop``, ``remove``,
+    ``start``, ``restart``), or one of two stream states with an empty ``service``:
+    ``resync`` (the event stream is (re)connected; changes may have been missed while it was down)
+    and ``lost`` (the stream broke; the runtime reconnects with backoff).
+    """
+
+    service: str
+    action: str
+    ref: str = ""  # the runtime's id of the object (container id prefix, Pod name)
+
+
+RESYNC = "resync"
+LOST = "lost"
+
+ChangeCallback = Callable[[RuntimeEvent], None]
 
 
 def labels_for(spec: ServiceSpec, cloudlet: str, session_port: int, created: float) -> dict[str, str]:
@@ -205,6 +227,15 @@ class Runtime(Protocol):
 
     async def ensure_running(self, instance: Instance) -> Instance:
         """Start a stopped service again (after a host reboot); return its fresh state."""
+
+    async def watch(self, on_change: ChangeCallback) -> None:
+        """Follow the runtime's events until cancelled; call ``on_change`` for each relevant one.
+
+        Only this cloudlet's services are reported. The callback must not block (the controller
+        only schedules a reconcile pass). A broken event source is reconnected with capped backoff,
+        announced by ``lost`` and ``resync`` events. A runtime without an event source returns at
+        once: the periodic reconcile alone keeps it in step.
+        """
 
     async def close(self) -> None:
         """Release connections."""

@@ -12,7 +12,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -21,10 +22,11 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from cloudlet.controller.runtime.base import (
     LABEL_CLOUDLET,
+    LABEL_CREATED,
     LABEL_SERVICE,
     LABEL_SESSION_PORT,
     LABEL_SPEC,
-    LABEL_CREATED,
+    ChangeCallback,
     ImageNotFound,
     Instance,
     PortTimeout,
@@ -39,6 +41,10 @@ from cloudlet.logs import event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# the client's config loaders carry no annotations; these are their signatures as used here
+_load_incluster_config: Callable[..., None] = k8s_config.load_incluster_config
+_load_kube_config: Callable[..., None] = k8s_config.load_kube_config
 
 IMAGE_ERRORS = frozenset({"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"})
 CRASH_ERRORS = frozenset({"CrashLoopBackOff", "CreateContainerError", "CreateContainerConfigError", "RunContainerError"})
@@ -62,6 +68,18 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.reason)
 
 
+def _name(obj: Any) -> str | None:
+    """``metadata.name`` of an API object (the client types ``metadata`` as optional)."""
+    meta = obj.metadata
+    return str(meta.name) if meta is not None and meta.name else None
+
+
+def _cluster_ip(svc: k8s.V1Service | None) -> str | None:
+    """The Service's ClusterIP; None while unassigned, or for a headless Service (``None``)."""
+    ip = svc.spec.cluster_ip if svc is not None and svc.spec is not None else None
+    return str(ip) if ip and ip != "None" else None
+
+
 class KubernetesRuntime:
     """``Runtime`` for Kubernetes / k3s."""
 
@@ -74,16 +92,16 @@ class KubernetesRuntime:
         self.core = k8s.CoreV1Api(api_client)
 
     @classmethod
-    def from_config(cls, cloudlet: str, cfg: Any) -> "KubernetesRuntime":
+    def from_config(cls, cloudlet: str, cfg: Any) -> KubernetesRuntime:
         """Build from ``[kubernetes]``: a kubeconfig file, or ``in-cluster``."""
         from cloudlet.controller.config import ConfigError
 
         conf = k8s.Configuration()
         try:
             if cfg.kubeconfig == "in-cluster":
-                k8s_config.load_incluster_config(client_configuration=conf)
+                _load_incluster_config(client_configuration=conf)
             else:
-                k8s_config.load_kube_config(
+                _load_kube_config(
                     config_file=cfg.kubeconfig, context=cfg.context or None, client_configuration=conf
                 )
         except (k8s_config.ConfigException, OSError, TypeError, ValueError) as exc:
@@ -115,7 +133,7 @@ class KubernetesRuntime:
         }
         resources: dict[str, str] = {}
         if spec.limits.cpus is not None:
-            resources["cpu"] = f"{int(round(spec.limits.cpus * 1000))}m"
+            resources["cpu"] = f"{round(spec.limits.cpus * 1000)}m"
         if spec.limits.memory_mb is not None:
             resources["memory"] = f"{spec.limits.memory_mb}Mi"
         if resources:
@@ -178,6 +196,11 @@ class KubernetesRuntime:
     async def close(self) -> None:
         await asyncio.to_thread(self.api_client.close)
 
+    async def watch(self, on_change: ChangeCallback) -> None:
+        """No event source yet: Kubernetes restarts containers itself (``restartPolicy: Always``) and
+        the periodic reconcile re-registers changed backends (docs/controller.md)."""
+        return
+
     async def create(self, spec: ServiceSpec, session_port: int, ready_timeout: float) -> Instance:
         created = float(int(time.time()))
         name = self.object_name(spec.name)
@@ -194,11 +217,15 @@ class KubernetesRuntime:
                 # a Service left over from a crashed controller: replace it
                 await self._delete_quietly(self.core.delete_namespaced_service, name)
                 svc = await self._call(self.core.create_namespaced_service, self.namespace, svc_body)
-            cluster_ip = svc.spec.cluster_ip if svc and svc.spec else None
+            cluster_ip = _cluster_ip(svc)
             await self._wait_ready(spec, ready_timeout)
             if not cluster_ip:
-                svc = await self._call(self.core.read_namespaced_service, name, self.namespace)
-                cluster_ip = svc.spec.cluster_ip
+                cluster_ip = _cluster_ip(await self._call(self.core.read_namespaced_service, name, self.namespace))
+            if not cluster_ip:
+                raise ServiceFailed(
+                    f"service {spec.name}: Service {name} has no ClusterIP (is it headless?); "
+                    "the Pod and Service were removed"
+                )
             return Instance(spec, session_port, "running", f"{cluster_ip}:{spec.port}", created, name)
         except BaseException:
             await self._remove_both(spec.name)
@@ -275,10 +302,10 @@ class KubernetesRuntime:
         selector = f"{LABEL_CLOUDLET}={self.cloudlet}"
         pods = await self._call(self.core.list_namespaced_pod, self.namespace, label_selector=selector)
         services = await self._call(self.core.list_namespaced_service, self.namespace, label_selector=selector)
-        ips = {s.metadata.name: (s.spec.cluster_ip if s.spec else None) for s in services.items or []}
+        ips = {_name(s): _cluster_ip(s) for s in services.items or []}
         out = []
         for pod in pods.items or []:
-            inst = self._instance(pod, ips.get(pod.metadata.name))
+            inst = self._instance(pod, ips.get(_name(pod)))
             if inst is not None:
                 out.append(inst)
         return out
@@ -293,12 +320,13 @@ class KubernetesRuntime:
             raise
         try:
             svc = await self._call(self.core.read_namespaced_service, obj, self.namespace)
-            cluster_ip = svc.spec.cluster_ip if svc.spec else None
+            cluster_ip = _cluster_ip(svc)
         except KubernetesApiError as exc:
             if exc.http_status != 404:
                 raise
             cluster_ip = None
-        if (pod.metadata.labels or {}).get(LABEL_CLOUDLET) != self.cloudlet:
+        labels = (pod.metadata.labels if pod.metadata else None) or {}
+        if labels.get(LABEL_CLOUDLET) != self.cloudlet:
             return None
         return self._instance(pod, cluster_ip)
 
@@ -336,5 +364,8 @@ class KubernetesRuntime:
         pod = await self._call(self.core.read_namespaced_pod, name, self.namespace)
         if not self._ready(pod):
             raise ServiceFailed(f"service {spec.name}: Pod {name} is not Ready yet")
-        return Instance(spec, instance.session_port, "running", f"{svc.spec.cluster_ip}:{spec.port}",
+        cluster_ip = _cluster_ip(svc)
+        if not cluster_ip:
+            raise ServiceFailed(f"service {spec.name}: Service {name} has no ClusterIP yet")
+        return Instance(spec, instance.session_port, "running", f"{cluster_ip}:{spec.port}",
                         instance.created, name)

@@ -15,6 +15,7 @@ import json
 import logging
 import struct
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -23,13 +24,18 @@ from yarl import URL
 
 from cloudlet.controller.runtime.base import (
     LABEL_CLOUDLET,
+    LABEL_CREATED,
     LABEL_SERVICE,
     LABEL_SESSION_PORT,
     LABEL_SPEC,
-    LABEL_CREATED,
+    LOST,
+    NAME_RE,
+    RESYNC,
+    ChangeCallback,
     ImageNotFound,
     Instance,
     PortTimeout,
+    RuntimeEvent,
     RuntimeFailure,
     RuntimeUnavailable,
     ServiceFailed,
@@ -44,6 +50,12 @@ log = logging.getLogger(__name__)
 API = "/v4.0.0/libpod"
 ULIMITS = (("nofile", 1024, 1024), ("nproc", 4096, 4096))
 CPU_PERIOD_US = 100_000
+# container events that can change what sessiond must relay to (podman >= 4.3 carries the
+# container's labels on each of them, so the stream is filtered on this cloudlet's label)
+WATCHED_ACTIONS = ("died", "stop", "remove", "start", "restart")
+MAX_EVENT_BYTES = 1 << 20  # one event holds every label (the spec label up to ~270 KB)
+WATCH_BACKOFF = (0.1, 5.0)  # first retry, cap (seconds) when the events stream breaks
+WATCH_STABLE_SECONDS = 1.0  # a stream that stayed up this long resets the backoff
 
 
 class PodmanError(RuntimeFailure):
@@ -100,7 +112,7 @@ class PodmanRuntime:
                 status = resp.status
         except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
             raise RuntimeUnavailable(f"podman API at {self.socket_path} unreachable: {exc}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise RuntimeUnavailable(f"podman API at {self.socket_path} timed out") from exc
         if status not in ok:
             try:
@@ -224,7 +236,7 @@ class PodmanRuntime:
                     if (info.get("State") or {}).get("Running") and self._ip(info) == ip:
                         return Instance(spec, session_port, "running", f"{ip}:{spec.port}", created, container_id)
                     next_check = 0.0
-                except (OSError, asyncio.TimeoutError):
+                except (TimeoutError, OSError):
                     pass
             else:
                 next_check = 0.0
@@ -328,6 +340,66 @@ class PodmanRuntime:
             state = "failed"
         return Instance(spec, session_port, state, backend, created, str(info.get("Id", "")))
 
+    # -- events --------------------------------------------------------------------------------
+
+    def events_filters(self) -> str:
+        return json.dumps({
+            "type": ["container"],
+            "label": [f"{LABEL_CLOUDLET}={self.cloudlet}"],
+            "event": list(WATCHED_ACTIONS),
+        })
+
+    async def watch(self, on_change: ChangeCallback) -> None:
+        """Follow libpod's events stream (``GET /libpod/events?stream=true``) until cancelled.
+
+        Each connect is announced as ``resync`` (events may have been missed while it was down),
+        each break as ``lost``; reconnects back off from 0.1 s to 5 s, and a stream that stayed
+        up for a second starts again at 0.1 s.
+        """
+        delay = WATCH_BACKOFF[0]
+        failures = 0
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=None)
+        async with aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=self.socket_path), timeout=timeout
+        ) as http:
+            while True:
+                connected_at: float | None = None
+                try:
+                    async for ev in self._follow_events(http):
+                        if ev.action == RESYNC:
+                            connected_at = time.monotonic()
+                            event(log, logging.INFO, "podman events stream connected", socket=self.socket_path,
+                                  after_failures=failures)
+                            failures = 0
+                        on_change(ev)
+                    reason = "stream ended"
+                except (TimeoutError, aiohttp.ClientError, OSError, PodmanError) as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                if connected_at is not None:
+                    on_change(RuntimeEvent("", LOST))
+                    if time.monotonic() - connected_at >= WATCH_STABLE_SECONDS:
+                        delay = WATCH_BACKOFF[0]
+                failures += 1
+                # one warning per outage; the retries after it are debug noise
+                event(log, logging.WARNING if failures == 1 else logging.DEBUG,
+                      "podman events stream lost; reconnecting", socket=self.socket_path,
+                      error=reason, retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WATCH_BACKOFF[1])
+
+    async def _follow_events(self, http: aiohttp.ClientSession) -> AsyncIterator[RuntimeEvent]:
+        url = URL(f"http://podman{API}/events", encoded=True).with_query(
+            {"stream": "true", "filters": self.events_filters()}
+        )
+        async with http.get(url) as resp:
+            if resp.status != 200:
+                raise PodmanError(resp.status, (await resp.text()).strip()[:500])
+            yield RuntimeEvent("", RESYNC)
+            async for line in _lines(resp.content, MAX_EVENT_BYTES):
+                ev = parse_event(line, self.cloudlet)
+                if ev is not None:
+                    yield ev
+
     async def ensure_running(self, instance: Instance) -> Instance:
         if instance.state == "running":
             return instance
@@ -343,7 +415,8 @@ def on_local_link(ip: str, route_table: str = "/proc/net/route") -> bool:
     """
     try:
         addr = int.from_bytes(ipaddress.IPv4Address(ip).packed, "little")
-        lines = open(route_table).read().splitlines()[1:]
+        with open(route_table) as f:
+            lines = f.read().splitlines()[1:]
     except (ValueError, OSError):
         return False
     for line in lines:
@@ -354,6 +427,52 @@ def on_local_link(ip: str, route_table: str = "/proc/net/route") -> bool:
         if mask != 0 and gateway == 0 and addr & mask == dest:
             return True
     return False
+
+
+def parse_event(line: bytes, cloudlet: str) -> RuntimeEvent | None:
+    """One line of libpod's events stream -> a RuntimeEvent of one of ``cloudlet``'s services, or None.
+
+    A line is a JSON object such as ``{"Type": "container", "Action": "died", "Actor": {"ID": "...",
+    "Attributes": {"name": "...", "cloudlet.service": "demo", ...}}, ...}`` (labels are attributes).
+    """
+    try:
+        data = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("Type") != "container":
+        return None
+    action = data.get("Action") or data.get("status")
+    actor = data.get("Actor")
+    if action not in WATCHED_ACTIONS or not isinstance(actor, dict):
+        return None
+    attrs = actor.get("Attributes")
+    if not isinstance(attrs, dict) or attrs.get(LABEL_CLOUDLET) != cloudlet:
+        return None
+    service = attrs.get(LABEL_SERVICE)
+    if not isinstance(service, str) or not NAME_RE.match(service):
+        return None
+    return RuntimeEvent(service, str(action), str(actor.get("ID", ""))[:12])
+
+
+async def _lines(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """Newline-separated lines of a stream; a line longer than ``limit`` is dropped (bounded memory)."""
+    buf = bytearray()
+    skipping = False
+    async for chunk in content.iter_any():
+        buf += chunk
+        while (nl := buf.find(b"\n")) >= 0:
+            line = bytes(buf[:nl]) if nl <= limit and not skipping else b""
+            if nl > limit and not skipping:
+                event(log, logging.WARNING, "podman event longer than the limit dropped", limit=limit)
+            del buf[: nl + 1]
+            skipping = False
+            if line.strip():
+                yield line
+        if len(buf) > limit:
+            if not skipping:
+                event(log, logging.WARNING, "podman event longer than the limit dropped", limit=limit)
+            buf.clear()
+            skipping = True
 
 
 def _demux(data: bytes) -> str:
