@@ -313,3 +313,67 @@ async def test_a_burst_of_events_gives_one_pass_and_passes_never_overlap(
         if daemon is not None:
             await daemon.stop()
         await stack.close()
+
+
+@pytest.mark.podman
+async def test_watcher_reconnects_after_the_podman_api_service_restarts(
+    tmp_path: Path, demo_image: str, cloudlet_name: str
+) -> None:
+    """The real thing: our own `podman system service` goes away and comes back on the same socket."""
+    import subprocess
+
+    from .conftest import _wait_unix_http, podman_env
+
+    sock = str(tmp_path / "own-podman.sock")
+
+    def start_service() -> subprocess.Popen[bytes]:
+        with open(tmp_path / "own-podman.log", "ab") as out:
+            proc = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"],
+                                    env=podman_env(), stdout=out, stderr=subprocess.STDOUT)
+        _wait_unix_http(sock)
+        return proc
+
+    def stop_service(proc: subprocess.Popen[bytes]) -> None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    service = start_service()
+    stack = Stack(tmp_path, cloudlet_name, sock, reconcile_interval=LONG_INTERVAL)
+    try:
+        await stack.start_sessiond()
+        await stack.start_controller()
+
+        async def events_state(want: str) -> bool:
+            _, health = await stack.api("GET", "/v1/health", token=None)
+            return health["runtime_events"] == want  # type: ignore[index]
+
+        await poll(lambda: events_state("connected"), 30, "the events stream")
+        assert (await stack.api("PUT", "/v1/services/back", demo_body(demo_image)))[0] == 201
+
+        stop_service(service)
+        await poll(lambda: events_state("disconnected"), 30, "the controller to notice the stream broke")
+        service = start_service()
+        await poll(lambda: events_state("connected"), 30, "the watcher to reconnect")
+        text = await metrics_text(stack)
+        assert metric(text, "cloudlet_controller_event_stream_connects_total") == 2
+
+        podman("kill", f"cloudlet-{stack.cloudlet}-back")
+
+        async def repaired() -> bool:
+            text = await metrics_text(stack)
+            reg = (await stack.registered()).get("back")
+            _, got = await stack.api("GET", "/v1/services/back")
+            return (metric(text, "cloudlet_controller_repairs_total", action="restarted") == 1
+                    and got["state"] == "running" and reg is not None  # type: ignore[index]
+                    and reg["backend"] == got["backend"])  # type: ignore[index]
+
+        await poll(repaired, 25, "the reconnected event path to restart the killed container")
+        text = await metrics_text(stack)
+        assert metric(text, "cloudlet_controller_reconcile_passes_total", trigger="interval") == 0
+    finally:
+        await stack.close()
+        stop_service(service)
