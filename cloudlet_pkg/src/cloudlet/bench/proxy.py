@@ -2,9 +2,12 @@
 
 Throughput: one TCP stream of ``--gib`` GiB from a source thread to a sink thread, (1) direct,
 (2) through ``socat -b 262144``, (3) through a real ``cloudlet sessiond`` subprocess (session header,
-then raw bytes). Latency: ``--pings`` one-byte ping-pongs through the same three paths; the relay's
-added latency is its p50/p99 minus direct's. Memory: ``--idle`` idle sessions opened through sessiond;
-RSS growth of the sessiond process per session.
+then raw bytes). The other direction (``down_*``: a ``socat`` source reading /dev/zero, so the
+backend is never the bottleneck) is measured direct, through a mode 0 session and through a mode 2
+(resumable) session, which keeps a replay copy of what it sends and never uses splice. Latency:
+``--pings`` one-byte ping-pongs through the same three paths; the relay's added latency is its
+p50/p99 minus direct's. Memory: ``--idle`` idle sessions opened through sessiond; RSS growth of the
+sessiond process per session.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from cloudlet.bench._sessiond import Fleet, rss_kib
 from cloudlet.sessiond import raise_nofile_limit
-from cloudlet.protocol import REPLY_FIXED, Op, encode_header, parse_reply
+from cloudlet.protocol import REPLY_FIXED, Mode, Op, encode_header, parse_reply
 
 CHUNK = 1 << 20
 
@@ -143,6 +146,39 @@ def throughput(port: int, sink: Sink, nbytes: int, credential: str | None = None
     return total * 8 / elapsed / 1e9
 
 
+def download(port: int, nbytes: int, credential: str | None = None, mode: Mode = Mode.RAW) -> float:
+    """Read ``nbytes`` from a source backend (directly, or through a session in ``mode``); Gbit/s."""
+    s = socket.create_connection(("127.0.0.1", port))
+    got = 0
+    if credential is not None:
+        s.sendall(encode_header(credential, "", Op.ATTACH, mode))
+        data = b""
+        while (parsed := parse_reply(data)) is None:
+            chunk = s.recv(REPLY_FIXED.size + 300)
+            if not chunk:
+                raise RuntimeError("sessiond closed before its reply")
+            data += chunk
+        reply, rest = parsed
+        if not reply.ok:
+            raise RuntimeError(f"sessiond refused: {reply.status.name} {reply.message}")
+        got = len(rest)
+    buf = bytearray(CHUNK)
+    started = time.perf_counter()
+    while got < nbytes:
+        n = s.recv_into(buf)
+        if not n:
+            raise RuntimeError(f"source closed after {got} bytes")
+        got += n
+    elapsed = time.perf_counter() - started
+    s.close()
+    if credential is not None:
+        e = socket.create_connection(("127.0.0.1", port))
+        e.sendall(encode_header(credential, op=Op.END))
+        e.recv(REPLY_FIXED.size + 255)
+        e.close()
+    return got * 8 / elapsed / 1e9
+
+
 def pingpong(port: int, count: int, credential: str | None = None) -> list[float]:
     s = _connect(port, credential)
     out = []
@@ -180,6 +216,17 @@ def _socat(target: int) -> tuple[subprocess.Popen[bytes], int]:
     probe.close()
     proc = subprocess.Popen(["socat", "-b", "262144", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
                              f"TCP:127.0.0.1:{target}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, port
+
+
+def _source() -> tuple[subprocess.Popen[bytes], int]:
+    """socat sending /dev/zero to every connection, as fast as it can."""
+    probe = _listener()
+    port = probe.getsockname()[1]
+    probe.close()
+    proc = subprocess.Popen(["socat", "-u", "-b", "262144", "OPEN:/dev/zero",
+                             f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, port
 
 
@@ -240,14 +287,22 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         echo_svc = await sd.put_service("echo", f"127.0.0.1:{sink.echo_port}")
         socat_sink, socat_sink_port = _socat(sink.port)
         socat_echo, socat_echo_port = _socat(sink.echo_port)
-        socat_procs += [socat_sink, socat_echo]
+        source, source_port = _source()
+        socat_procs += [socat_sink, socat_echo, source]
         await _wait_port(socat_sink_port)
         await _wait_port(socat_echo_port)
-        rates: dict[str, list[float]] = {"direct": [], "socat": [], "session": []}
+        await _wait_port(source_port)
+        source_svc = await sd.put_service("source", f"127.0.0.1:{source_port}")
+        rates: dict[str, list[float]] = {"direct": [], "socat": [], "session": [], "down_direct": [],
+                                         "down_session": [], "down_resumable": []}
         for _ in range(args.rounds):  # interleaved, so a load spike hits all three alike
             rates["direct"].append(await asyncio.to_thread(throughput, sink.port, sink, nbytes))
             rates["socat"].append(await asyncio.to_thread(throughput, socat_sink_port, sink, nbytes))
             rates["session"].append(await asyncio.to_thread(throughput, sink_svc, sink, nbytes, fleet.credential("sink")))
+            rates["down_direct"].append(await asyncio.to_thread(download, source_port, nbytes))
+            rates["down_session"].append(await asyncio.to_thread(download, source_svc, nbytes, fleet.credential("source")))
+            rates["down_resumable"].append(await asyncio.to_thread(
+                download, source_svc, nbytes, fleet.credential("source"), Mode.RESUMABLE))
         lat = {
             "direct": await asyncio.to_thread(pingpong, sink.echo_port, args.pings),
             "socat": await asyncio.to_thread(pingpong, socat_echo_port, args.pings),
@@ -266,6 +321,10 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "session_gbps": round(best["session"], 3),
             "ratio_vs_direct": round(best["session"] / best["direct"], 3),
             "ratio_vs_socat": round(best["session"] / best["socat"], 3),
+            "down_direct_gbps": round(best["down_direct"], 3),
+            "down_session_gbps": round(best["down_session"], 3),
+            "down_resumable_gbps": round(best["down_resumable"], 3),
+            "down_resumable_vs_session": round(best["down_resumable"] / best["down_session"], 3),
             "direct_latency_us_p50": round(p50["direct"], 1),
             "socat_latency_us_p50": round(p50["socat"], 1),
             "session_latency_us_p50": round(p50["session"], 1),
