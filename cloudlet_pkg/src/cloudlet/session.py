@@ -163,8 +163,11 @@ class Session:
             if drains:
                 offsets = (self.bytes_up, self.bytes_down)  # the old connection delivers up to here
             else:
-                if down_received != self.bytes_down:
-                    held = self.ring.since(down_received) if down_received < self.bytes_down else None
+                if down_received > self.bytes_down:
+                    raise Refused(Status.REPLAY_UNAVAILABLE,
+                                  f"the client claims {down_received} bytes; this session sent {self.bytes_down}")
+                if down_received < self.bytes_down:
+                    held = self.ring.since(down_received)
                     if held is None:
                         raise Refused(Status.REPLAY_UNAVAILABLE,
                                       f"the client has {down_received} of {self.bytes_down} bytes sent and the "
