@@ -44,6 +44,18 @@ class SessiondProc:
             raise RuntimeError(f"sessiond {self.name}: PUT service failed: {svc}")
         return int(svc["port"])
 
+    async def wait_peers_up(self, timeout: float = 30.0) -> None:
+        """Until every peer of this sessiond reports ``up`` (an SSH tunnel connects at start)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            _, peers = await control(self.socket, "GET", "/v1/peers")
+            items = peers.get("peers", peers) if isinstance(peers, dict) else peers
+            if items and all(p.get("state") == "up" for p in items):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sessiond {self.name}: peers not up: {items}")
+            await asyncio.sleep(0.1)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -66,7 +78,9 @@ class Fleet:
     def credential(self, service: str) -> str:
         return credentials.issue(self.secret, service).token
 
-    async def start(self, name: str, peers: dict[str, str] | None = None, loop: str = "auto", **options: Any) -> SessiondProc:
+    async def start(self, name: str, peers: dict[str, str | dict[str, Any]] | None = None, loop: str = "auto",
+                    **options: Any) -> SessiondProc:
+        """Start a sessiond; ``peers`` maps a name to a tcp address or to a whole ``[peers.NAME]`` table."""
         d = self.dir / name
         d.mkdir(exist_ok=True)
         lines = ["[sessiond]", f'cloudlet = "{name}"', f'secret_file = "{self.dir / "fleet.secret"}"',
@@ -74,7 +88,11 @@ class Fleet:
                  'peer_listen = "127.0.0.1:0"', 'metrics_listen = ""', 'log_level = "warning"']
         lines += [f"{k} = {json.dumps(v)}" for k, v in options.items()]
         for peer, addr in (peers or {}).items():
-            lines += [f"[peers.{peer}]", 'transport = "tcp"', f'address = "{addr}"']
+            lines.append(f"[peers.{peer}]")
+            if isinstance(addr, dict):
+                lines += [f"{k} = {json.dumps(v)}" for k, v in addr.items()]
+            else:
+                lines += ['transport = "tcp"', f'address = "{addr}"']
         (d / "sessiond.toml").write_text("\n".join(lines) + "\n")
         log = open(d / "sessiond.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "cloudlet", "sessiond", "--config", str(d / "sessiond.toml"),

@@ -1,7 +1,7 @@
 """`cloudlet bench handover`: service interruption and byte accounting across handovers.
 
 Three real ``cloudlet sessiond`` processes on loopback (``a`` the anchor, ``b`` and ``c`` with ``a``
-as a tcp peer). A backend (its own process) pushes a numbered, timestamped 16-byte record every millisecond. A client
+as a peer, over plain tcp or, with ``--hop ssh``, over the SSH tunnel through a private sshd). A backend (its own process) pushes a numbered, timestamped 16-byte record every millisecond. A client
 moves a -> b -> c -> a ... (naming the anchor ``a``), ``--moves`` times for each kind: ``fin`` (a
 clean, make-before-break move), ``no_fin`` (the old connection is abandoned, as when a radio link is
 lost; the anchor takes over) and ``no_fin_resumable`` (the same in protocol mode 2: the anchor
@@ -180,10 +180,23 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     backend.start()
     backend_addr = "127.0.0.1:%d" % parent.recv()
     fleet = Fleet()
+    sshd = None
     try:
         a = await fleet.start("a", loop=args.loop)
-        b = await fleet.start("b", peers={"a": a.peer_listen}, loop=args.loop)
-        c = await fleet.start("c", peers={"a": a.peer_listen}, loop=args.loop)
+        peer: str | dict[str, Any] = a.peer_listen
+        if args.hop == "ssh":  # b and c reach a's peer endpoint through a real sshd, as in a fleet
+            from cloudlet.tunnel_sshd import TunnelSshd, sshd_argv_available
+
+            missing = sshd_argv_available()
+            if missing:
+                raise SystemExit("--hop ssh: " + "; ".join(missing))
+            sshd = TunnelSshd(endpoint=a.peer_listen)
+            sshd.start()
+            peer = sshd.peer_table("a")
+        b = await fleet.start("b", peers={"a": peer}, loop=args.loop)
+        c = await fleet.start("c", peers={"a": peer}, loop=args.loop)
+        for d in (b, c):
+            await d.wait_peers_up()
         ports = {d.name: await d.put_service("tick", backend_addr) for d in (a, b, c)}
         kinds = {
             "fin": await run_kind(fleet, ports, True, args.moves, args.interval),
@@ -194,9 +207,11 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         return {"moves": sum(k["moves"] for k in kinds.values()), "gap_ms_p50": fin["gap_ms_p50"],
                 "gap_ms_p99": fin["gap_ms_p99"], "gap_ms_max": fin["gap_ms_max"], "bytes_lost": fin["bytes_lost"],
                 "bytes_duplicated": fin["bytes_duplicated"], "kinds": kinds, "record_period_ms": PERIOD * 1000,
-                "loop": args.loop, "client_loop": args.client_loop}
+                "loop": args.loop, "client_loop": args.client_loop, "hop": args.hop}
     finally:
         fleet.stop()
+        if sshd is not None:
+            sshd.stop()
         backend.terminate()
         backend.join(5)
 
@@ -220,6 +235,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--moves", type=int, default=30, help="moves per kind (default 30)")
     p.add_argument("--interval", type=float, default=0.1, help="seconds between moves (default 0.1)")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="sessiond's event loop")
+    p.add_argument("--hop", choices=["tcp", "ssh"], default="tcp",
+                   help="how b and c reach a: plain tcp (default) or an SSH tunnel through a private sshd "
+                   "(asyncssh client, OpenSSH server; needs root and openssh-server)")
     p.add_argument("--client-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="the client's event loop (default auto, as `cloudlet agent`: uvloop if installed)")
     p.set_defaults(func=_main)
