@@ -1,7 +1,8 @@
 """`cloudlet bench handover`: service interruption and byte accounting across handovers.
 
 Three real ``cloudlet sessiond`` processes on loopback (``a`` the anchor, ``b`` and ``c`` with ``a``
-as a peer, over plain tcp or, with ``--hop ssh``, over the SSH tunnel through a private sshd). A backend (its own process) pushes a numbered, timestamped 16-byte record every millisecond. A client
+as a peer, over plain tcp or, with ``--hop ssh``, over the SSH tunnel through a private sshd). A
+backend (its own process) pushes a numbered, timestamped 16-byte record every millisecond. A client
 moves a -> b -> c -> a ... (naming the anchor ``a``), ``--moves`` times for each kind: ``fin`` (a
 clean, make-before-break move), ``no_fin`` (the old connection is abandoned, as when a radio link is
 lost; the anchor takes over) and ``no_fin_resumable`` (the same in protocol mode 2: the anchor
