@@ -10,9 +10,11 @@ CrashLoopBackOff, and another port never becomes Ready.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +38,28 @@ class FakeKubernetes:
     services: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     reads: dict[tuple[str, str], int] = field(default_factory=dict)
     fail: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)  # (method, kind) -> status
+    resource_version: int = 1  # resourceVersion: every Pod change adds one
+    watchers: list[tuple[str, dict[str, str], asyncio.Queue[dict[str, Any]]]] = field(default_factory=list)
     _ips: itertools.count = field(default_factory=lambda: itertools.count(10))
+
+    def pod_changed(self, kind: str, pod: dict[str, Any]) -> None:
+        """Tell every watch of Pods that match (namespace, equality label selector) about a change."""
+        self.resource_version += 1
+        pod["metadata"]["resourceVersion"] = str(self.resource_version)
+        ns, labels = pod["metadata"].get("namespace"), pod["metadata"].get("labels", {})
+        for w_ns, wanted, queue in self.watchers:
+            if w_ns == ns and all(labels.get(k) == v for k, v in wanted.items()):
+                queue.put_nowait({"type": kind, "object": copy.deepcopy(pod)})
+
+    def set_ready(self, ns: str, name: str, ready: bool) -> None:
+        """Play the kubelet: the Pod's Ready condition changes (a watch sees MODIFIED)."""
+        pod = self.pods[(ns, name)]
+        pod["status"]["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
+        self.pod_changed("MODIFIED", pod)
+
+    def remove_pod(self, ns: str, name: str) -> None:
+        """Someone deletes the Pod behind the controller's back (a watch sees DELETED)."""
+        self.pod_changed("DELETED", self.pods.pop((ns, name)))
 
     def sent(self, method: str, kind: str) -> list[Any]:
         """Bodies of the requests of ``method`` on collection ``kind`` (pods, services)."""
@@ -102,12 +125,14 @@ class FakeKubernetes:
         else:
             obj["status"] = {"phase": "Pending"}
         self._store(kind)[(ns, name)] = obj
+        if kind == "pods":
+            self.pod_changed("ADDED", obj)
         return web.json_response(obj, status=201)
 
     def _kubelet(self, ns: str, pod: dict[str, Any]) -> None:
         name = pod["metadata"]["name"]
         n = self.reads[(ns, name)] = self.reads.get((ns, name), 0) + 1
-        if n < 2:
+        if n != 2:  # the kubelet decides once; set_ready changes it later
             return
         c = pod["spec"]["containers"][0]
         env = {e["name"]: e["value"] for e in c.get("env", [])}
@@ -129,6 +154,7 @@ class FakeKubernetes:
                 "containerStatuses": [{"name": "service", "ready": ready, "restartCount": 0, "image": c["image"],
                                        "imageID": "", "state": {"running": {}}}],
             }
+        self.pod_changed("MODIFIED", pod)
 
     async def read(self, request: web.Request) -> web.Response:
         kind, failure = await self._record(request)
@@ -148,12 +174,38 @@ class FakeKubernetes:
             return failure
         ns = request.match_info["ns"]
         wanted = dict(p.split("=", 1) for p in request.query.get("labelSelector", "").split(",") if p)
+        if kind == "pods" and request.query.get("watch", "").lower() in ("true", "1"):
+            return await self._watch(request, ns, wanted)
         items = [
             o for (n, _), o in self._store(kind).items()
             if n == ns and all(o["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())
         ]
         list_kind = "PodList" if kind == "pods" else "ServiceList"
-        return web.json_response({"kind": list_kind, "apiVersion": "v1", "metadata": {}, "items": items})
+        return web.json_response({"kind": list_kind, "apiVersion": "v1",
+                                  "metadata": {"resourceVersion": str(self.resource_version)}, "items": items})
+
+    async def _watch(self, request: web.Request, ns: str, wanted: dict[str, str]) -> web.StreamResponse:
+        """A Pod watch from now on (changes after the list the client made first), until
+        ``timeoutSeconds`` or the client goes."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        entry = (ns, wanted, queue)
+        self.watchers.append(entry)
+        resp = web.StreamResponse()
+        resp.content_type = "application/json"
+        deadline = time.monotonic() + float(request.query.get("timeoutSeconds", "1800"))
+        try:
+            await resp.prepare(request)
+            while time.monotonic() < deadline and request.transport is not None and not request.transport.is_closing():
+                try:
+                    item = await asyncio.wait_for(queue.get(), 0.2)
+                except asyncio.TimeoutError:
+                    continue
+                await resp.write(json.dumps(item).encode() + b"\n")
+        except (ConnectionResetError, OSError):
+            pass
+        finally:
+            self.watchers.remove(entry)
+        return resp
 
     async def delete(self, request: web.Request) -> web.Response:
         kind, failure = await self._record(request)
@@ -163,6 +215,8 @@ class FakeKubernetes:
         obj = self._store(kind).pop((ns, name), None)
         if obj is None:
             return self.status(404, "NotFound", f'{kind} "{name}" not found')
+        if kind == "pods":
+            self.pod_changed("DELETED", obj)
         return web.json_response(obj)
 
 

@@ -9,14 +9,17 @@ sent as plain dicts (built by :meth:`KubernetesRuntime.pod_manifest` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
+from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
@@ -26,10 +29,14 @@ from cloudlet.controller.runtime.base import (
     LABEL_SERVICE,
     LABEL_SESSION_PORT,
     LABEL_SPEC,
+    LOST,
+    NAME_RE,
+    RESYNC,
     ChangeCallback,
     ImageNotFound,
     Instance,
     PortTimeout,
+    RuntimeEvent,
     RuntimeFailure,
     RuntimeUnavailable,
     ServiceFailed,
@@ -45,10 +52,14 @@ T = TypeVar("T")
 # the client's config loaders carry no annotations; these are their signatures as used here
 _load_incluster_config: Callable[..., None] = k8s_config.load_incluster_config
 _load_kube_config: Callable[..., None] = k8s_config.load_kube_config
+_new_watch: Callable[[], Any] = k8s_watch.Watch
 
 IMAGE_ERRORS = frozenset({"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"})
 CRASH_ERRORS = frozenset({"CrashLoopBackOff", "CreateContainerError", "CreateContainerConfigError", "RunContainerError"})
 REQUEST_TIMEOUT = 15.0
+WATCH_SECONDS = 50  # the API server ends each watch after this; the next one continues from its version
+WATCH_BACKOFF = (0.1, 5.0)  # first retry, cap (seconds) when the watch breaks
+WATCH_STABLE_SECONDS = 1.0  # a watch that stayed up this long resets the backoff
 
 
 class KubernetesApiError(RuntimeFailure):
@@ -197,9 +208,109 @@ class KubernetesRuntime:
         await asyncio.to_thread(self.api_client.close)
 
     async def watch(self, on_change: ChangeCallback) -> None:
-        """No event source yet: Kubernetes restarts containers itself (``restartPolicy: Always``) and
-        the periodic reconcile re-registers changed backends (docs/controller.md)."""
-        return
+        """Follow this cloudlet's Pods (list, then watch from that version) until cancelled.
+
+        The client's watch blocks, so it runs in a daemon thread that hands each change to the
+        event loop. Reported: ``start`` (a Pod appeared), ``ready`` / ``unready`` (its Ready
+        condition changed), ``remove`` (it was deleted); every (re)list is a ``resync``, every break
+        a ``lost``. A watch that times out (``WATCH_SECONDS``) continues from its last version; an
+        expired version (410) lists again.
+        """
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def emit(ev: RuntimeEvent) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing: nobody listens any more
+                loop.call_soon_threadsafe(on_change, ev)
+
+        def finished(exc: BaseException | None) -> None:
+            if not done.done():
+                if exc is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(exc)
+
+        def run() -> None:
+            crash: BaseException | None = None
+            try:
+                self._watch_pods(emit, stop)
+            except Exception as exc:  # handed to the loop: the controller logs it
+                crash = exc
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(finished, crash)
+
+        threading.Thread(target=run, name=f"pod-watch-{self.cloudlet}", daemon=True).start()
+        try:
+            await done
+        finally:
+            stop.set()  # the thread ends at its next event or watch timeout
+
+    def _watch_pods(self, emit: Callable[[RuntimeEvent], None], stop: threading.Event) -> None:
+        selector = f"{LABEL_CLOUDLET}={self.cloudlet}"
+        delay, failures = WATCH_BACKOFF[0], 0
+        while not stop.is_set():
+            connected_at: float | None = None
+            try:
+                pods = self.core.list_namespaced_pod(
+                    self.namespace, label_selector=selector, _request_timeout=REQUEST_TIMEOUT
+                )
+                version = pods.metadata.resource_version if pods.metadata else None
+                ready = {name: self._ready(p) for p in pods.items or [] if (name := _name(p))}
+                emit(RuntimeEvent("", RESYNC))
+                connected_at, failures = time.monotonic(), 0
+                while not stop.is_set():
+                    w = _new_watch()
+                    stream: Callable[..., Iterator[dict[str, Any]]] = w.stream
+                    for item in stream(
+                        self.core.list_namespaced_pod, self.namespace, label_selector=selector,
+                        resource_version=version, timeout_seconds=WATCH_SECONDS,
+                        _request_timeout=(REQUEST_TIMEOUT, WATCH_SECONDS + REQUEST_TIMEOUT),
+                    ):
+                        if stop.is_set():
+                            w.stop()
+                            break
+                        ev = self._pod_event(item, ready)
+                        if ev is not None:
+                            emit(ev)
+                    version = w.resource_version or version
+                return
+            except ApiException as exc:
+                reason = f"{exc.status} {exc.reason}"
+            except (Urllib3Error, OSError, ValueError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            if connected_at is not None:
+                emit(RuntimeEvent("", LOST))
+                if time.monotonic() - connected_at >= WATCH_STABLE_SECONDS:
+                    delay = WATCH_BACKOFF[0]
+            failures += 1
+            event(log, logging.WARNING if failures == 1 else logging.DEBUG,
+                  "kubernetes Pod watch lost; listing again", error=reason, retry_in=round(delay, 2))
+            stop.wait(delay)
+            delay = min(delay * 2, WATCH_BACKOFF[1])
+
+    def _pod_event(self, item: dict[str, Any], ready: dict[str, bool]) -> RuntimeEvent | None:
+        """One watch event -> a RuntimeEvent (a Pod appeared, changed readiness, or went), or None."""
+        kind, pod = item.get("type"), item.get("object")
+        if pod is None or isinstance(pod, dict) or kind not in ("ADDED", "MODIFIED", "DELETED"):
+            return None
+        name = _name(pod)
+        if name is None:
+            return None
+        labels = (pod.metadata.labels if pod.metadata else None) or {}
+        service = labels.get(LABEL_SERVICE)
+        if labels.get(LABEL_CLOUDLET) != self.cloudlet or not isinstance(service, str) or not NAME_RE.match(service):
+            return None
+        if kind == "DELETED":
+            ready.pop(name, None)
+            return RuntimeEvent(service, "remove", name)
+        now_ready, was = self._ready(pod), ready.get(name)
+        ready[name] = now_ready
+        if was is None:
+            return RuntimeEvent(service, "start", name)
+        if was != now_ready:
+            return RuntimeEvent(service, "ready" if now_ready else "unready", name)
+        return None
 
     async def create(self, spec: ServiceSpec, session_port: int, ready_timeout: float) -> Instance:
         created = float(int(time.time()))
