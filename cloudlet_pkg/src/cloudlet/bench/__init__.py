@@ -15,6 +15,7 @@ BENCHMARKS: tuple[str, ...] = (
     "cloudlet.bench.launch",
     "cloudlet.bench.tunnel",
     "cloudlet.bench.migrate",
+    "cloudlet.controller.repair_bench",
 )
 
 
