@@ -50,7 +50,7 @@ lint-fleet: ## yamllint, ansible-lint (production profile) and syntax check of r
 test-fleet: lint-fleet ## fleet tooling tests, role checks (lint, argument specs, check mode)
 	$(PY) -m pytest tests/fleet $(PYTEST_ARGS)
 
-test-molecule: wheelhouse ## molecule: three-host fleet, converge site.yml, idempotence, verify, destroy
+test-molecule: wheelhouse ## molecule: three-host fleet, converge site.yml, idempotence, check, verify, reset + uninstall (side_effect), destroy
 	molecule test -s default
 
 # tests/fleet already runs in test-python (pytest tests); make test adds the lint and molecule.
