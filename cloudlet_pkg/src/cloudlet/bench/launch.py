@@ -79,8 +79,9 @@ async def _first_byte(host: str, port: int, timeout: float = 30.0) -> None:
 class BenchCloudlet:
     """A private cloudlet for the benchmark: podman API service, sessiond, controller."""
 
-    def __init__(self, workdir: Path, podman_socket: str | None) -> None:
+    def __init__(self, workdir: Path, podman_socket: str | None, controller_options: dict[str, Any] | None = None) -> None:
         self.dir = workdir
+        self.controller_options = controller_options or {}  # extra [controller] keys
         self.name = f"clbench-{secrets.token_hex(3)}"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.podman_socket = podman_socket or str(workdir / "podman.sock")
@@ -112,7 +113,8 @@ class BenchCloudlet:
             f'[controller]\ncloudlet = "{self.name}"\nlisten = "127.0.0.1:0"\ntoken_file = "{d / "token"}"\n'
             f'secret_file = "{d / "secret"}"\nsessiond_socket = "{d / "sessiond.sock"}"\n'
             f'session_host = "127.0.0.1"\nsession_listen = "127.0.0.1"\nport_range = [{base}, {base + 49}]\n'
-            f'[podman]\nsocket = "{self.podman_socket}"\n'
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.controller_options.items())
+            + f'[podman]\nsocket = "{self.podman_socket}"\n'
         )
         py = [sys.executable, "-m", "cloudlet"]
         self._spawn([*py, "sessiond", "--config", str(d / "sessiond.toml"), "--log-level", "warning"], "sessiond.log")
@@ -129,14 +131,22 @@ class BenchCloudlet:
                 return resp.status == 200
 
     async def _controller_address(self) -> str | None:
+        for rec in self.log_records():
+            if rec.get("msg") == "controller listening":
+                return f"http://{rec['address']}"
+        return None
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The controller's JSON log records so far."""
+        out = []
         for line in (self.dir / "controller.log").read_text().splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("msg") == "controller listening":
-                return f"http://{rec['address']}"
-        return None
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
 
     async def api(self, method: str, path: str, body: Any = None, expect: int = 200) -> Any:
         assert self.http is not None

@@ -25,8 +25,6 @@ import asyncio
 import json
 import os
 import random
-import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,84 +35,22 @@ from typing import Any
 
 import aiohttp
 
+from cloudlet.bench.launch import BenchCloudlet
 from cloudlet.images import podman_env
 
 API = "http://podman/v4.0.0/libpod"
 POLL_SECONDS = 0.01
 
 
-class RepairCloudlet:
-    """One cloudlet for one path: sessiond and controller processes, and a demo service."""
+class RepairCloudlet(BenchCloudlet):
+    """One cloudlet for one path: sessiond and controller processes (as ``bench launch``), and a demo service."""
 
     def __init__(self, workdir: Path, podman_socket: str, events: bool, interval: float) -> None:
-        self.dir = workdir
-        self.name = f"clbench-{secrets.token_hex(3)}"
+        super().__init__(workdir, podman_socket,
+                         {"runtime_events": events, "reconcile_interval_seconds": interval})
         self.podman_socket = podman_socket
         self.events = events
         self.interval = interval
-        self.token = secrets.token_urlsafe(24)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.url = ""
-
-    def _spawn(self, args: list[str], log: str) -> None:
-        with open(self.dir / log, "ab") as out:
-            self.procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=podman_env()))
-
-    async def start(self) -> None:
-        d = self.dir
-        (d / "secret").write_text(secrets.token_hex(32))
-        (d / "token").write_text(self.token)
-        (d / "sessiond.toml").write_text(
-            f'[sessiond]\ncloudlet = "{self.name}"\nsecret_file = "{d / "secret"}"\n'
-            f'control_socket = "{d / "sessiond.sock"}"\nstate_dir = "{d / "state"}"\n'
-            'peer_listen = "127.0.0.1:0"\nmetrics_listen = ""\n'
-        )
-        base = 20000 + secrets.randbelow(200) * 50
-        (d / "controller.toml").write_text(
-            f'[controller]\ncloudlet = "{self.name}"\nlisten = "127.0.0.1:0"\ntoken_file = "{d / "token"}"\n'
-            f'secret_file = "{d / "secret"}"\nsessiond_socket = "{d / "sessiond.sock"}"\n'
-            f'session_host = "127.0.0.1"\nsession_listen = "127.0.0.1"\nport_range = [{base}, {base + 49}]\n'
-            f"runtime_events = {'true' if self.events else 'false'}\n"
-            f"reconcile_interval_seconds = {self.interval}\n"
-            f'[podman]\nsocket = "{self.podman_socket}"\n'
-        )
-        py = [sys.executable, "-m", "cloudlet"]
-        self._spawn([*py, "sessiond", "--config", str(d / "sessiond.toml"), "--log-level", "warning"], "sessiond.log")
-        await until(lambda: asyncio.to_thread(os.path.exists, str(d / "sessiond.sock")), 30, "sessiond")
-        self._spawn([*py, "controller", "--config", str(d / "controller.toml")], "controller.log")
-        self.url = await until(self._controller_address, 30, "controller")
-
-    async def _controller_address(self) -> str | None:
-        for rec in self.log_records():
-            if rec.get("msg") == "controller listening":
-                return f"http://{rec['address']}"
-        return None
-
-    def log_records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in (self.dir / "controller.log").read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
-
-    async def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.to_thread(proc.wait, 15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        ids = subprocess.run(["podman", "ps", "-aq", "--filter", f"label=cloudlet.cloudlet={self.name}"],
-                             capture_output=True, text=True, env=podman_env()).stdout.split()
-        if ids:
-            subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True, env=podman_env())
-        subprocess.run(["podman", "network", "rm", "-f", f"cloudlet-{self.name}"], capture_output=True,
-                       env=podman_env())
 
 
 async def until(check: Any, timeout: float, what: str) -> Any:
