@@ -122,6 +122,7 @@ import sys
 from dataclasses import dataclass, field
 
 import aiohttp
+import yarl
 
 
 async def _poll(check, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
@@ -275,7 +276,9 @@ class Stack:
             headers["Content-Type"] = "application/json"
         elif body is not None:
             kwargs["json"] = body
-        async with self._http.request(method, self.controller_url + path, **kwargs) as resp:
+        # sent as written: percent-escapes in ``path`` reach the server unchanged
+        url = yarl.URL(self.controller_url + path, encoded=True)
+        async with self._http.request(method, url, **kwargs) as resp:
             data = await resp.read()
             ctype = resp.headers.get("Content-Type", "")
             return resp.status, (_json.loads(data) if data and "json" in ctype else data.decode())

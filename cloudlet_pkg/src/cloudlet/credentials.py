@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from cloudlet.common.names import is_name
+
 VERSION = "v1"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 MAX_CREDENTIAL_LEN = 160
-_B64 = re.compile(r"^[A-Za-z0-9_-]+$")
+_B64 = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch
 
 
 class CredentialError(Exception):
@@ -68,7 +69,7 @@ def load_secret(path: str | Path) -> bytes:
 
 def issue(secret: bytes, service: str, now: float | None = None) -> Credential:
     """Make a new credential for ``service`` (called by the controller)."""
-    if not NAME_RE.match(service):
+    if not is_name(service):
         raise ValueError(f"invalid service name {service!r}")
     issued = int(time.time() if now is None else now)
     nonce = _b64(secrets.token_bytes(16))
@@ -84,7 +85,7 @@ def parse(secret: bytes, token: str) -> Credential:
     if len(parts) != 5 or parts[0] != VERSION:
         raise CredentialError(Refusal.BAD_CREDENTIAL, "not a v1 session credential")
     _, service, issued_s, nonce, mac = parts
-    if not NAME_RE.match(service) or not issued_s.isdigit() or not _B64.match(nonce) or not _B64.match(mac):
+    if not is_name(service) or not issued_s.isascii() or not issued_s.isdigit() or not _B64.fullmatch(nonce) or not _B64.fullmatch(mac):
         raise CredentialError(Refusal.BAD_CREDENTIAL, "malformed session credential")
     body = f"{VERSION}.{service}.{issued_s}.{nonce}"
     if not hmac.compare_digest(_mac(secret, body), mac):

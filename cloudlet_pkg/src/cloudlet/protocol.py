@@ -33,10 +33,11 @@ After an OK reply to ATTACH the connection carries raw bytes both ways.
 from __future__ import annotations
 
 import asyncio
-import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+
+from cloudlet.common.names import is_name
 
 MAGIC = b"CLSH"
 REPLY_MAGIC = b"CLSR"
@@ -52,7 +53,6 @@ MAX_MESSAGE_LEN = 255
 MAX_REPLY_LEN = REPLY_FIXED.size + MAX_MESSAGE_LEN + OFFSETS.size
 DEFAULT_HEADER_TIMEOUT = 5.0
 LOCAL_TARGETS = frozenset({"", "0.0.0.0"})
-TARGET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 
 HEADER_AFTER_FIN = 0x01
 HEADER_KNOWN_FLAGS = HEADER_AFTER_FIN
@@ -172,7 +172,7 @@ def encode_reply(status: Status, message: str = "", flags: int = 0, offsets: tup
 
 
 def _check_target(target: str) -> None:
-    if target not in LOCAL_TARGETS and not TARGET_RE.match(target):
+    if target not in LOCAL_TARGETS and not is_name(target):
         raise ProtocolError(Status.BAD_TARGET, f"target {target!r} is neither empty, 0.0.0.0 nor a cloudlet name")
 
 

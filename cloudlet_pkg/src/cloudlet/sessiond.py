@@ -26,6 +26,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cloudlet import credentials
+from cloudlet.common.names import NAME_RULE, check_name, is_name
 from cloudlet.hop import make_connector, parse_hostport
 from cloudlet.logs import event, setup_logging
 from cloudlet.metrics import SessiondMetrics
@@ -34,7 +35,6 @@ from cloudlet.session import ServiceEntry, SessionManager
 
 log = logging.getLogger(__name__)
 
-NAME_RE = credentials.NAME_RE
 
 
 @dataclass
@@ -84,11 +84,9 @@ class SessiondConfig:
             return cls.from_dict(tomllib.load(fh))
 
     def validate(self) -> None:
-        if not NAME_RE.match(self.cloudlet):
-            raise ValueError(f"cloudlet name {self.cloudlet!r} must match {NAME_RE.pattern}")
+        check_name(self.cloudlet, "cloudlet name")
         for name in self.peers:
-            if not NAME_RE.match(name):
-                raise ValueError(f"peer name {name!r} must match {NAME_RE.pattern}")
+            check_name(name, "peer name")
         host, _ = parse_hostport(self.peer_listen, "peer_listen")
         if not self.peer_listen_allow_remote and not _is_loopback(host):
             raise ValueError(f"peer_listen {self.peer_listen!r} is not a loopback address "
@@ -212,8 +210,8 @@ class Sessiond:
         """Add or change a service; returns ``(entry, changed)``. Raises ``ApiError``."""
         m = self.manager
         assert m is not None
-        if not NAME_RE.match(name):
-            raise ApiError(400, "bad_request", f"service name {name!r} must match {NAME_RE.pattern}")
+        if not is_name(name):
+            raise ApiError(400, "bad_request", f"invalid service name {name!r}: use {NAME_RULE}")
         backend = _validate_backend(backend)
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise ApiError(400, "bad_request", "port must be an integer 0..65535 (0 = any free port)")

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cloudlet.common.names import InvalidName, check_name
 from cloudlet.controller.config import ControllerConfig
 from cloudlet.controller.metrics import ControllerMetrics
 from cloudlet.controller.runtime.base import (
@@ -78,6 +79,11 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
                 raise ControllerError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
             if not hmac.compare_digest(given.strip().encode(), request.app[TOKEN].encode()):
                 raise ControllerError(401, "unauthorized", "wrong bearer token")
+        if "name" in request.match_info:  # every /v1/services/{name}... route, before any handler runs
+            try:
+                check_name(request.match_info["name"])
+            except InvalidName as exc:
+                raise ControllerError(400, "bad_request", str(exc)) from exc
         response = await handler(request)
         status = response.status
         return response

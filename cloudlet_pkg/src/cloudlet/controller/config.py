@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudlet.controller.runtime.base import NAME_RE
+from cloudlet.common.names import NAME_RULE, is_name
 
 
 class ConfigError(ValueError):
@@ -113,8 +113,8 @@ def from_dict(data: dict[str, Any]) -> ControllerConfig:
     p = _section(data, "podman", set(PodmanConfig.__dataclass_fields__))
     k = _section(data, "kubernetes", set(KubernetesConfig.__dataclass_fields__))
     cloudlet = c.get("cloudlet")
-    if not isinstance(cloudlet, str) or not NAME_RE.match(cloudlet):
-        raise ConfigError("controller.cloudlet is required and must match [a-z0-9][a-z0-9-]{0,31}")
+    if not is_name(cloudlet):
+        raise ConfigError(f"controller.cloudlet is required and must be a name: {NAME_RULE}")
     defaults = ControllerConfig(cloudlet=cloudlet)
     values: dict[str, Any] = {"cloudlet": cloudlet}
     for key in ("listen", "token_file", "secret_file", "runtime", "sessiond_socket", "session_host", "session_listen"):

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+from cloudlet.common.names import InvalidName, check_name
+
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # fullmatch
 MAX_IMAGE_LEN = 255
 MAX_ENV = 64
 MAX_ENV_VALUE = 4096
@@ -33,6 +34,21 @@ class RuntimeFailure(Exception):
 
     code = "internal"
     status = 500
+
+
+class BadName(RuntimeFailure):
+    """A service name that breaks the name rule reached a runtime (the API refuses it earlier)."""
+
+    code = "bad_request"
+    status = 400
+
+
+def runtime_name(service: str) -> str:
+    """``service`` if it is a valid name, else :class:`BadName` (no runtime object is ever touched)."""
+    try:
+        return check_name(service)
+    except InvalidName as exc:
+        raise BadName(str(exc)) from exc
 
 
 class ImageNotFound(RuntimeFailure):
@@ -102,8 +118,10 @@ class ServiceSpec:
     @classmethod
     def from_request(cls, name: str, body: Any) -> ServiceSpec:
         """Validate an API request body (``PUT /v1/services/{name}``)."""
-        if not NAME_RE.match(name):
-            raise SpecError(f"invalid service name {name!r}: use [a-z0-9][a-z0-9-]{{0,31}}")
+        try:
+            check_name(name)
+        except InvalidName as exc:
+            raise SpecError(str(exc)) from exc
         if not isinstance(body, dict):
             raise SpecError("request body must be a JSON object")
         unknown = set(body) - {"image", "port", "env", "limits", "name"}
@@ -122,7 +140,7 @@ class ServiceSpec:
             raise SpecError(f"env must be an object of at most {MAX_ENV} string values")
         env: list[tuple[str, str]] = []
         for key, value in env_in.items():
-            if not isinstance(key, str) or not ENV_NAME_RE.match(key):
+            if not isinstance(key, str) or not ENV_NAME_RE.fullmatch(key):
                 raise SpecError(f"invalid env name {key!r}")
             if not isinstance(value, str) or len(value) > MAX_ENV_VALUE:
                 raise SpecError(f"env {key} must be a string of at most {MAX_ENV_VALUE} chars")

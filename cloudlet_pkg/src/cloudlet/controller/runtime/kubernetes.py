@@ -30,7 +30,6 @@ from cloudlet.controller.runtime.base import (
     LABEL_SESSION_PORT,
     LABEL_SPEC,
     LOST,
-    NAME_RE,
     RESYNC,
     ChangeCallback,
     ImageNotFound,
@@ -43,7 +42,9 @@ from cloudlet.controller.runtime.base import (
     ServiceSpec,
     SpecError,
     labels_for,
+    runtime_name,
 )
+from cloudlet.common.names import is_name
 from cloudlet.logs import event
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class KubernetesRuntime:
         return cls(cloudlet, k8s.ApiClient(conf), cfg.namespace)
 
     def object_name(self, service: str) -> str:
-        return f"cloudlet-{service}"
+        return f"cloudlet-{runtime_name(service)}"
 
     # -- manifests -----------------------------------------------------------------------------
 
@@ -299,7 +300,7 @@ class KubernetesRuntime:
             return None
         labels = (pod.metadata.labels if pod.metadata else None) or {}
         service = labels.get(LABEL_SERVICE)
-        if labels.get(LABEL_CLOUDLET) != self.cloudlet or not isinstance(service, str) or not NAME_RE.match(service):
+        if labels.get(LABEL_CLOUDLET) != self.cloudlet or not is_name(service):
             return None
         if kind == "DELETED":
             ready.pop(name, None)

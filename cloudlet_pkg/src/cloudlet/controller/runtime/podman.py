@@ -29,7 +29,6 @@ from cloudlet.controller.runtime.base import (
     LABEL_SESSION_PORT,
     LABEL_SPEC,
     LOST,
-    NAME_RE,
     RESYNC,
     ChangeCallback,
     ImageNotFound,
@@ -42,7 +41,9 @@ from cloudlet.controller.runtime.base import (
     ServiceSpec,
     SpecError,
     labels_for,
+    runtime_name,
 )
+from cloudlet.common.names import is_name
 from cloudlet.logs import event
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,29 @@ class PodmanRuntime:
             return status, data.decode(errors="replace")
 
     def container_name(self, service: str) -> str:
-        return f"cloudlet-{self.cloudlet}-{service}"
+        return f"cloudlet-{self.cloudlet}-{runtime_name(service)}"
+
+    async def _owned(self, ref: str, service: str | None = None) -> dict[str, Any] | None:
+        """Inspect ``ref``; its data only if it carries this cloudlet's labels (and ``service``'s).
+
+        Every stop, start and removal of an existing container goes through this, then acts on the
+        inspected container ID, so no name or race can point the runtime at another container.
+        """
+        try:
+            info = await self._inspect(ref)
+        except PodmanError as exc:
+            if exc.http_status == 404:
+                return None
+            raise
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        ours = labels.get(LABEL_CLOUDLET) == self.cloudlet and is_name(labels.get(LABEL_SERVICE))
+        if service is not None:
+            ours = ours and labels.get(LABEL_SERVICE) == service
+        if not ours or not info.get("Id"):
+            event(log, logging.WARNING, "container not touched: it does not carry this cloudlet's labels",
+                  container=str(info.get("Id", ref))[:12], cloudlet=self.cloudlet, service=service)
+            return None
+        return info
 
     # -- Runtime interface ---------------------------------------------------------------------
 
@@ -145,7 +168,7 @@ class PodmanRuntime:
     async def ensure_network(self) -> None:
         if self._network_ready:
             return
-        path = f"/networks/{quote(self.network, safe='')}/exists"
+        path = f"/networks/{_seg(self.network)}/exists"
         status, _ = await self._request("GET", path, ok=(204, 404))
         if status == 404:
             try:
@@ -157,7 +180,7 @@ class PodmanRuntime:
         self._network_ready = True
 
     async def image_exists(self, image: str) -> bool:
-        status, _ = await self._request("GET", f"/images/{quote(image, safe='')}/exists", ok=(204, 404))
+        status, _ = await self._request("GET", f"/images/{_seg(image)}/exists", ok=(204, 404))
         return status == 204
 
     def create_body(self, spec: ServiceSpec, session_port: int, created: float) -> dict[str, Any]:
@@ -208,7 +231,7 @@ class PodmanRuntime:
         container_id = str(info.get("Id", name)) if isinstance(info, dict) else name
         event(log, logging.INFO, "container created", service=spec.name, container=container_id[:12])
         try:
-            await self._request("POST", f"/containers/{container_id}/start", ok=(204, 304))
+            await self._request("POST", f"/containers/{_seg(container_id)}/start", ok=(204, 304))
             return await self._wait_ready(container_id, spec, session_port, created, ready_timeout)
         except BaseException:
             await self._remove(container_id)
@@ -261,7 +284,7 @@ class PodmanRuntime:
             delay = min(delay * 2, 0.1)
 
     async def _inspect(self, container_id: str) -> dict[str, Any]:
-        _, info = await self._request("GET", f"/containers/{container_id}/json")
+        _, info = await self._request("GET", f"/containers/{_seg(container_id)}/json")
         return info if isinstance(info, dict) else {}
 
     def _ip(self, info: dict[str, Any]) -> str | None:
@@ -273,7 +296,7 @@ class PodmanRuntime:
     async def _logs(self, container_id: str, tail: int = 5) -> str:
         try:
             _, data = await self._request(
-                "GET", f"/containers/{container_id}/logs",
+                "GET", f"/containers/{_seg(container_id)}/logs",
                 params={"stdout": "true", "stderr": "true", "tail": str(tail)}, raw=True,
             )
         except RuntimeFailure:
@@ -283,7 +306,7 @@ class PodmanRuntime:
     async def _remove(self, ref: str) -> bool:
         try:
             status, _ = await self._request(
-                "DELETE", f"/containers/{ref}", params={"force": "true", "v": "true", "timeout": "0"},
+                "DELETE", f"/containers/{_seg(ref)}", params={"force": "true", "v": "true", "timeout": "0"},
                 ok=(200, 204, 404),
             )
         except RuntimeFailure as exc:
@@ -292,7 +315,10 @@ class PodmanRuntime:
         return status != 404
 
     async def delete(self, name: str) -> bool:
-        removed = await self._remove(self.container_name(name))
+        info = await self._owned(self.container_name(name), name)
+        if info is None:
+            return False
+        removed = await self._remove(str(info["Id"]))
         if removed:
             event(log, logging.INFO, "container removed", service=name)
         return removed
@@ -304,7 +330,8 @@ class PodmanRuntime:
         return [inst for inst in found if inst is not None]
 
     async def get(self, name: str) -> Instance | None:
-        return await self._get_ref(self.container_name(name))
+        inst = await self._get_ref(self.container_name(name))
+        return inst if inst is not None and inst.name == name else None
 
     async def _get_ref(self, ref: str) -> Instance | None:
         try:
@@ -403,8 +430,15 @@ class PodmanRuntime:
     async def ensure_running(self, instance: Instance) -> Instance:
         if instance.state == "running":
             return instance
-        await self._request("POST", f"/containers/{instance.ref}/start", ok=(204, 304))
+        if await self._owned(instance.ref, instance.name) is None:
+            raise ServiceFailed(f"service {instance.name}: container {instance.ref[:12]} is gone or not this cloudlet's")
+        await self._request("POST", f"/containers/{_seg(instance.ref)}/start", ok=(204, 304))
         return await self._wait_ready(instance.ref, instance.spec, instance.session_port, instance.created, 30.0)
+
+
+def _seg(value: str) -> str:
+    """``value`` as one URL path segment: every reserved character (``/``, ``%``, ``?``, ...) quoted."""
+    return quote(value, safe="")
 
 
 def on_local_link(ip: str, route_table: str = "/proc/net/route") -> bool:
@@ -449,7 +483,7 @@ def parse_event(line: bytes, cloudlet: str) -> RuntimeEvent | None:
     if not isinstance(attrs, dict) or attrs.get(LABEL_CLOUDLET) != cloudlet:
         return None
     service = attrs.get(LABEL_SERVICE)
-    if not isinstance(service, str) or not NAME_RE.match(service):
+    if not is_name(service):
         return None
     return RuntimeEvent(service, str(action), str(actor.get("ID", ""))[:12])
 

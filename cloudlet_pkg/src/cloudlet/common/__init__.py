@@ -1,0 +1,1 @@
+"""Leaf helpers every layer may use (names, ...); this package imports nothing else of ``cloudlet``."""
