@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 from ansible_fleet import Fleet, demo_image, podman_socket, start_fleet
 
 __all__ = ["demo_image", "podman_socket"]

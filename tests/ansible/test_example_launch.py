@@ -12,10 +12,8 @@ import asyncio
 import socket
 
 import pytest
-
-from cloudlet.client import attach
-
 from ansible_fleet import Fleet, containers_of, podman
+from cloudlet.client import attach
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cloudlet.bench.migrate import Lines, criu_version
 
 REPO = Path(__file__).resolve().parents[2]

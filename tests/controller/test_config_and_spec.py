@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from cloudlet.controller.config import ConfigError, from_dict, load
 from cloudlet.controller.runtime.base import ServiceSpec, SpecError
 

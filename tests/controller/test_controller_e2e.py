@@ -11,7 +11,6 @@ import asyncio
 import shutil
 
 import pytest
-
 from cloudlet.client import SessionRefused, attach
 
 from .conftest import Stack, containers_of, poll, read_line

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 from cloudlet.images import DEMO_IMAGE, SOURCE_LABEL, demo_source_dir, image_source_hash, source_hash
 
 from .conftest import free_port, podman_env, read_line

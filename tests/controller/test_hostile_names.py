@@ -12,7 +12,6 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
-
 from cloudlet.controller.runtime.base import BadName
 from cloudlet.controller.runtime.podman import PodmanRuntime
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
-
 from cloudlet.controller.config import ConfigError, KubernetesConfig
 from cloudlet.controller.runtime.base import (
     ImageNotFound,

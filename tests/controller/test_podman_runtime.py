@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import pytest
-
 from cloudlet.controller.runtime.base import (
     LABEL_CLOUDLET,
     LABEL_SERVICE,

@@ -14,9 +14,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-
-from cloudlet import credentials
-from cloudlet.sessiond import Sessiond, SessiondConfig
+from cloudlet.protocol import credentials
+from cloudlet.sessiond.config import SessiondConfig
+from cloudlet.sessiond.daemon import Sessiond
 
 SECRET = b"cloudlet-test-fleet-secret-0123456789"
 

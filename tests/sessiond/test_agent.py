@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from cloudlet.hop import make_connector
-
+from cloudlet.sessiond.peers import make_connector
 from sessiond_helpers import issue, peer_addr, wait_for
 
 
@@ -113,9 +111,8 @@ async def test_redis_cli_keeps_its_connection_across_switches(make_sessiond, red
 
 
 async def test_failed_switch_falls_back_and_the_program_notices_nothing(make_sessiond, tmp_path: Path) -> None:
-    from cloudlet.agent import Agent
     from cloudlet.client import SessionRefused
-
+    from cloudlet.client.agent import Agent
     from sessiond_helpers import Backend
 
     echo = await Backend(echo=True).start()
@@ -146,8 +143,7 @@ async def test_switches_without_fin_lose_nothing_in_resumable_mode(make_sessiond
     """A program streams through the agent while it switches a <-> b without FIN (link lost)."""
     import struct
 
-    from cloudlet.agent import Agent
-
+    from cloudlet.client.agent import Agent
     from sessiond_helpers import Backend
 
     echo = await Backend(echo=True).start()

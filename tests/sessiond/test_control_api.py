@@ -9,10 +9,8 @@ import sys
 import urllib.request
 
 import pytest
-
 from cloudlet.client import SessionClient, SessionRefused
-from cloudlet.protocol import Status
-
+from cloudlet.protocol.wire import Status
 from sessiond_helpers import Backend, api, issue, start_sessiond_process, stop_process
 
 

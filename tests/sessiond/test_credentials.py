@@ -1,9 +1,8 @@
 """Session credentials: unguessable, bound to their service, expiring, checked without state."""
 
 import pytest
-
-from cloudlet import credentials
-from cloudlet.credentials import CredentialError, Refusal
+from cloudlet.protocol import credentials
+from cloudlet.protocol.credentials import CredentialError, Refusal
 
 SECRET = b"0123456789abcdef-secret"
 

@@ -7,10 +7,8 @@ import struct
 import time
 
 import pytest
-
 from cloudlet.client import SessionClient, SessionRefused
-from cloudlet.protocol import Status, encode_header, read_reply
-
+from cloudlet.protocol.wire import Status, encode_header, read_reply
 from sessiond_helpers import Backend, issue, peer_addr, wait_for
 
 
@@ -21,7 +19,7 @@ async def fleet(make_sessiond, backend: Backend, names=("a", "b", "c")):  # type
         daemons[n] = await make_sessiond(n)
     for n, d in daemons.items():
         peers = {o: {"transport": "tcp", "address": peer_addr(od)} for o, od in daemons.items() if o != n}
-        from cloudlet.hop import make_connector
+        from cloudlet.sessiond.peers import make_connector
 
         d.manager.connector = make_connector(peers, 2.0)
     ports = {}

@@ -3,8 +3,7 @@
 import struct
 
 import pytest
-
-from cloudlet.protocol import (
+from cloudlet.protocol.wire import (
     HEADER_FIXED,
     MAGIC,
     MAX_CREDENTIAL_LEN,

@@ -6,8 +6,7 @@ import asyncio
 import struct
 
 from cloudlet.client import SessionClient
-from cloudlet.protocol import HEADER_AFTER_FIN, Mode, Op, Status, encode_header, read_reply
-
+from cloudlet.protocol.wire import HEADER_AFTER_FIN, Mode, Op, Status, encode_header, read_reply
 from sessiond_helpers import Backend, issue, raw_connect, wait_for
 
 

@@ -8,10 +8,8 @@ import struct
 import time
 
 import pytest
-
 from cloudlet.client import SessionClient, SessionRefused
-from cloudlet.protocol import Status
-
+from cloudlet.protocol.wire import Status
 from sessiond_helpers import Backend, issue, wait_for
 
 
@@ -40,7 +38,7 @@ async def test_new_session_relays_both_ways(relay: dict, make_sessiond, backend:
     # data sent right behind the header (before the reply) is not lost either
     c2 = SessionClient("127.0.0.1", port, issue("svc"))
     r, w = await asyncio.open_connection("127.0.0.1", port)
-    from cloudlet.protocol import encode_header, read_reply
+    from cloudlet.protocol.wire import encode_header, read_reply
 
     w.write(encode_header(c2.credential) + b"early")
     assert (await read_reply(r)).ok
@@ -280,7 +278,7 @@ async def test_bulk_both_ways_intact_and_detach_mid_stream(relay: dict, make_ses
 async def test_after_fin_attach_overtaking_the_fin_drains_the_old_connection(relay: dict, make_sessiond, backend: Backend) -> None:
     """The new connection's ATTACH (flag AFTER_FIN) reaches the anchor before the old connection's
     FIN: the old one is drained, not aborted; upstream order holds (old's last bytes first)."""
-    from cloudlet.protocol import HEADER_AFTER_FIN, encode_header, read_reply
+    from cloudlet.protocol.wire import HEADER_AFTER_FIN, encode_header, read_reply
 
     a = await make_sessiond("a", **relay)
     port = await service(a, backend)
@@ -311,7 +309,7 @@ async def test_after_fin_attach_overtaking_the_fin_drains_the_old_connection(rel
 
 
 async def test_after_fin_without_the_fin_falls_back_to_takeover(relay: dict, make_sessiond, backend: Backend) -> None:
-    from cloudlet.protocol import HEADER_AFTER_FIN, encode_header, read_reply
+    from cloudlet.protocol.wire import HEADER_AFTER_FIN, encode_header, read_reply
 
     a = await make_sessiond("a", **relay, header_timeout_seconds=0.5)
     port = await service(a, backend)

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-
 from cloudlet.tunnel_sshd import TunnelSshd, sshd_argv_available
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from cloudlet import credentials
 from cloudlet.client import SessionClient, SessionRefused
-from cloudlet.protocol import Status
-from cloudlet.sessiond import Sessiond, SessiondConfig
+from cloudlet.protocol import credentials
+from cloudlet.protocol.wire import Status
+from cloudlet.sessiond.config import SessiondConfig
+from cloudlet.sessiond.daemon import Sessiond
 from cloudlet.tunnel_sshd import TunnelSshd
 
 pytestmark = pytest.mark.sshd

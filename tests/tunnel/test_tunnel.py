@@ -11,12 +11,13 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-
-from cloudlet.hop import PeerError
-from cloudlet.protocol import Status
-from cloudlet.tunnel import READER_LIMIT, PeerUnavailable, SshPeerConnector, TunnelConfigError
+from cloudlet.protocol.wire import Status
+from cloudlet.relay.hop import PeerError
+from cloudlet.tunnel.channel import READER_LIMIT
+from cloudlet.tunnel.connector import SshPeerConnector
+from cloudlet.tunnel.errors import PeerUnavailable, TunnelConfigError
 from cloudlet.tunnel_sshd import TunnelSshd
+from prometheus_client import CollectorRegistry, generate_latest
 
 pytestmark = pytest.mark.sshd
 

@@ -17,10 +17,10 @@ from cloudlet import __version__
 
 # (subcommand, module that registers it)
 COMPONENTS: tuple[tuple[str, str], ...] = (
-    ("sessiond", "cloudlet.sessiond"),
+    ("sessiond", "cloudlet.sessiond.main"),
     ("controller", "cloudlet.controller.main"),
-    ("agent", "cloudlet.agent"),
-    ("session", "cloudlet.client_cli"),
+    ("agent", "cloudlet.client.agent"),
+    ("session", "cloudlet.client.cli"),
     ("image", "cloudlet.images"),
     ("bench", "cloudlet.bench"),
 )

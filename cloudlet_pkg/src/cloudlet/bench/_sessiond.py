@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloudlet import credentials
+from cloudlet.protocol import credentials
 
 
 def rss_kib(pid: int) -> int:

@@ -218,7 +218,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from cloudlet.sessiond import use_fast_loop
+    from cloudlet.common.loop import use_fast_loop
 
     started = time.monotonic()
     use_fast_loop(args.client_loop)  # the device side, as `cloudlet agent` runs it

@@ -210,7 +210,7 @@ async def run_fw(image: str, moves: int, interval: float, count: int, blob: int)
         mover = SessionClient("127.0.0.1", ports["a"], fleet.credential("demo"))
         await mover.open()
         by_r, by_w = await asyncio.open_connection("127.0.0.1", ports["a"])
-        from cloudlet.protocol import encode_header, read_reply
+        from cloudlet.protocol.wire import encode_header, read_reply
         by_w.write(encode_header(fleet.credential("demo"), ""))
         if not (await read_reply(by_r)).ok:
             raise RuntimeError("bystander refused")

@@ -24,8 +24,8 @@ import time
 from typing import Any
 
 from cloudlet.bench._sessiond import Fleet, rss_kib
-from cloudlet.sessiond import raise_nofile_limit
-from cloudlet.protocol import REPLY_FIXED, Mode, Op, encode_header, parse_reply
+from cloudlet.common.loop import raise_nofile_limit
+from cloudlet.protocol.wire import REPLY_FIXED, Mode, Op, encode_header, parse_reply
 
 CHUNK = 1 << 20
 

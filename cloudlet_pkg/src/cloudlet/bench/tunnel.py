@@ -269,7 +269,7 @@ def _openssh(sshd: Any, cipher: str, sink_port: int) -> tuple[subprocess.Popen[b
 
 
 async def _connector(sshd: Any, cipher: str, fast_path: bool = True) -> Any:
-    from cloudlet.tunnel import SshPeerConnector
+    from cloudlet.tunnel.connector import SshPeerConnector
 
     c = SshPeerConnector.from_config({"bench": sshd.peer_table("bench", ciphers=[cipher], fast_path=fast_path)})
     await c.start()
@@ -435,7 +435,7 @@ async def run_bench(megabytes: int, rounds: int, cipher: str, compare_ciphers: b
 
 
 def main(args: argparse.Namespace) -> int:
-    from cloudlet.sessiond import use_fast_loop
+    from cloudlet.common.loop import use_fast_loop
     from cloudlet.tunnel_sshd import sshd_argv_available
 
     reasons = sshd_argv_available()

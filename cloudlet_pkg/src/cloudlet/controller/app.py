@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cloudlet.common.logs import event
 from cloudlet.common.names import InvalidName, check_name
 from cloudlet.controller.config import ControllerConfig
 from cloudlet.controller.metrics import ControllerMetrics
@@ -29,7 +30,6 @@ from cloudlet.controller.runtime.base import (
 )
 from cloudlet.controller.service import ControllerError, ServiceManager
 from cloudlet.controller.sessiond_client import SessiondError, SessiondUnavailable
-from cloudlet.logs import event
 
 log = logging.getLogger(__name__)
 

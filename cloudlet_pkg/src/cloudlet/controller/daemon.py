@@ -12,14 +12,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloudlet import credentials
+from cloudlet.common.logs import event
 from cloudlet.controller.app import build_app
 from cloudlet.controller.config import ConfigError, ControllerConfig
 from cloudlet.controller.metrics import ControllerMetrics
 from cloudlet.controller.runtime.base import Runtime
 from cloudlet.controller.service import ServiceManager
 from cloudlet.controller.sessiond_client import SessiondClient
-from cloudlet.logs import event
+from cloudlet.protocol import credentials
 
 log = logging.getLogger(__name__)
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import signal
-import socket
 import sys
 from typing import Any
 
+from cloudlet.common import sdnotify
+from cloudlet.common.logs import setup_logging
 from cloudlet.controller import config as config_mod
-from cloudlet.logs import setup_logging
 
 
 async def _run(cfg: config_mod.ControllerConfig) -> int:
@@ -24,22 +22,12 @@ async def _run(cfg: config_mod.ControllerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    _notify_systemd()
+    sdnotify.notify("READY=1")
     try:
         await stop.wait()
     finally:
         await daemon.stop()
     return 0
-
-
-def _notify_systemd() -> None:
-    """Tell systemd we are ready (``Type=notify`` units); nothing without ``NOTIFY_SOCKET``."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect("\0" + path[1:] if path.startswith("@") else path)
-        s.send(b"READY=1")
 
 
 def _cmd(args: argparse.Namespace) -> int:

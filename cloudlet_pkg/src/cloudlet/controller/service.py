@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cloudlet import credentials
+from cloudlet.common.logs import event
 from cloudlet.controller.config import ControllerConfig
 from cloudlet.controller.metrics import ControllerMetrics
 from cloudlet.controller.runtime.base import (
@@ -36,7 +36,7 @@ from cloudlet.controller.sessiond_client import (
     SessiondError,
     SessiondUnavailable,
 )
-from cloudlet.logs import event
+from cloudlet.protocol import credentials
 
 log = logging.getLogger(__name__)
 

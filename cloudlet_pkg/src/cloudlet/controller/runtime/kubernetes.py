@@ -23,6 +23,8 @@ from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from cloudlet.common.logs import event
+from cloudlet.common.names import is_name
 from cloudlet.controller.runtime.base import (
     LABEL_CLOUDLET,
     LABEL_CREATED,
@@ -44,8 +46,6 @@ from cloudlet.controller.runtime.base import (
     labels_for,
     runtime_name,
 )
-from cloudlet.common.names import is_name
-from cloudlet.logs import event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

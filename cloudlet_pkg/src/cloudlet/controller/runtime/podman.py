@@ -22,6 +22,8 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from cloudlet.common.logs import event
+from cloudlet.common.names import is_name
 from cloudlet.controller.runtime.base import (
     LABEL_CLOUDLET,
     LABEL_CREATED,
@@ -43,8 +45,6 @@ from cloudlet.controller.runtime.base import (
     labels_for,
     runtime_name,
 )
-from cloudlet.common.names import is_name
-from cloudlet.logs import event
 
 log = logging.getLogger(__name__)
 

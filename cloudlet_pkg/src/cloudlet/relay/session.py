@@ -16,44 +16,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cloudlet import credentials
-from cloudlet.logs import event
-from cloudlet.metrics import SessiondMetrics
-from cloudlet.protocol import REPLY_RESUMED, REPLY_TOOK_OVER, Status, encode_reply
-from cloudlet.replay import ReplayRing
-from cloudlet.splice import AVAILABLE as SPLICE_AVAILABLE
-from cloudlet.splice import SpliceRelay
+from cloudlet.common.logs import event
+from cloudlet.protocol.replay import ReplayRing
+from cloudlet.protocol.wire import REPLY_RESUMED, REPLY_TOOK_OVER, Status, encode_reply
+from cloudlet.relay.splice import SpliceRelay
 
 if TYPE_CHECKING:
-    from cloudlet.relay import ServerConnection
+    from cloudlet.relay.connection import ServerConnection
+    from cloudlet.relay.manager import ServiceEntry, SessionManager
+
 
 log = logging.getLogger(__name__)
 
+
 CONNECTING, ATTACHED, DETACHED, ENDED = "connecting", "attached", "detached", "ended"
+
+
 WRITE_HIGH = 256 * 1024
-
-
-@dataclass(slots=True, eq=False)
-class ServiceEntry:
-    """A service this sessiond listens for: its own port, relayed to ``backend``."""
-
-    name: str
-    port: int
-    listen: str
-    backend: str
-    server: Any = None  # asyncio.Server
-
-    @property
-    def backend_hostport(self) -> tuple[str, int]:
-        host, _, port = self.backend.rpartition(":")
-        return host.strip("[]"), int(port)
-
-    def to_json(self, sessions: int) -> dict[str, Any]:
-        return {"name": self.name, "port": self.port, "listen": self.listen, "backend": self.backend, "sessions": sessions}
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -398,29 +380,6 @@ class Session:
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "buffered": self.buffered}
 
 
-class Tombstones:
-    """Bounded record of ended sessions (nonce -> time its credential expires anyway)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._items: OrderedDict[str, float] = OrderedDict()
-
-    def add(self, nonce: str, expires_at: float) -> None:
-        now = time.time()
-        items = self._items
-        items[nonce] = expires_at
-        items.move_to_end(nonce)
-        while items and (len(items) > self.limit or next(iter(items.values())) < now):
-            items.popitem(last=False)
-
-    def __contains__(self, nonce: str) -> bool:
-        exp = self._items.get(nonce)
-        return exp is not None and exp >= time.time()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 class Refused(Exception):
     """A connection is refused with ``status`` (sent to the client as the reply)."""
 
@@ -428,183 +387,3 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-class SessionManager:
-    """The table of live sessions of one sessiond, and the policy for starting and ending them."""
-
-    def __init__(
-        self,
-        *,
-        cloudlet: str,
-        secret: bytes,
-        metrics: SessiondMetrics,
-        grace_seconds: float = 30.0,
-        buffer_bytes: int = 1 << 20,
-        replay_bytes: int = 2 << 20,
-        max_sessions: int = 100_000,
-        header_timeout: float = 5.0,
-        credential_lifetime: float = 86400.0,
-        backend_connect_timeout: float = 5.0,
-        connector: Any = None,
-        splice_threshold: int | None = 1 << 20,
-    ) -> None:
-        self.cloudlet = cloudlet
-        self.secret = secret
-        self.metrics = metrics
-        self.grace_seconds = grace_seconds
-        self.buffer_bytes = buffer_bytes
-        self.replay_bytes = replay_bytes
-        self.max_sessions = max_sessions
-        self.header_timeout = header_timeout
-        self.credential_lifetime = credential_lifetime
-        self.backend_connect_timeout = backend_connect_timeout
-        self.connector = connector
-        self.splice_threshold = splice_threshold if SPLICE_AVAILABLE else None
-        self.loop = asyncio.get_running_loop()
-        self.services: dict[str, ServiceEntry] = {}
-        self.sessions: dict[str, Session] = {}
-        self.forwards: set[Any] = set()
-        self.tombstones = Tombstones(max(10_000, max_sessions))
-
-    # -- credentials -------------------------------------------------------------------------
-    def check(self, token: str, service: str | None) -> credentials.Credential:
-        try:
-            cred = credentials.parse(self.secret, token)
-        except credentials.CredentialError as exc:
-            raise Refused(Status.BAD_CREDENTIAL, str(exc)) from None
-        if service is not None and cred.service != service:
-            raise Refused(Status.WRONG_SERVICE, f"credential belongs to service {cred.service!r}, not {service!r}")
-        return cred
-
-    def live_count(self) -> int:
-        return len(self.sessions) + len(self.forwards)
-
-    # -- attach ------------------------------------------------------------------------------
-    async def attach(self, conn: "ServerConnection", cred: credentials.Credential, service: ServiceEntry,
-                     rest: bytes, via_peer: bool, after_fin: bool = False, down_received: int | None = None) -> None:
-        """``down_received`` is None for mode 0 (raw), the client's count of backend bytes for mode 2."""
-        if down_received is not None and rest:
-            raise Refused(Status.BAD_HEADER, "mode 2: send nothing behind the header before the reply (it says where to resend from)")
-        s = self.sessions.get(cred.nonce)
-        if s is None:
-            if cred.nonce in self.tombstones:
-                raise Refused(Status.SESSION_ENDED, "this session has ended; ask the controller for a new one")
-            if down_received:
-                raise Refused(Status.REPLAY_UNAVAILABLE, f"the client has {down_received} bytes of a session this "
-                              "cloudlet does not hold (was its sessiond restarted?)")
-            if time.time() - cred.issued > self.credential_lifetime:
-                raise Refused(Status.EXPIRED, "session credential expired")
-            if self.live_count() >= self.max_sessions:
-                raise Refused(Status.TOO_MANY_SESSIONS, f"this cloudlet already holds {self.max_sessions} sessions")
-            s = Session(cred.nonce, service, self, cred.issued)
-            if down_received is not None:
-                s.ring = ReplayRing(self.replay_bytes)
-            s.ready = self.loop.create_future()
-            self.sessions[cred.nonce] = s
-            host, port = service.backend_hostport
-            try:
-                _, up = await asyncio.wait_for(
-                    self.loop.create_connection(lambda: UpstreamProtocol(s), host, port), self.backend_connect_timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
-                if self.sessions.get(cred.nonce) is s:
-                    del self.sessions[cred.nonce]
-                s.state = ENDED
-                if not s.ready.done():
-                    s.ready.set_exception(ConnectionError("backend unavailable"))
-                    s.ready.exception()
-                raise Refused(Status.BACKEND_UNAVAILABLE,
-                              f"backend {service.backend} of service {service.name!r} unavailable: {exc or 'timeout'}") from None
-            if s.state == ENDED:
-                up.transport.close()  # type: ignore[union-attr]
-                raise Refused(Status.SESSION_ENDED, "session ended while it was being set up")
-            s.upstream = up
-            self.metrics.sessions_started.inc()
-            s.ready.set_result(None)
-            s.ready = None
-        elif s.state == CONNECTING and s.ready is not None:
-            try:
-                await asyncio.shield(s.ready)
-            except ConnectionError:
-                raise Refused(Status.SESSION_ENDED, "session ended while it was being set up") from None
-        if s.state == ENDED:
-            raise Refused(Status.SESSION_ENDED, "this session has ended")
-        if s.service is not service:
-            raise Refused(Status.WRONG_SERVICE, "session belongs to another instance of this service")
-        s.attach(conn, rest, via_peer, after_fin, down_received)
-        if conn.lost:
-            s.client_gone(conn, fin=False)
-
-    # -- ending ------------------------------------------------------------------------------
-    def end_credential(self, cred: credentials.Credential, reason: str) -> bool:
-        s = self.sessions.get(cred.nonce)
-        if s is not None:
-            s.end(reason)
-            return True
-        self.tombstones.add(cred.nonce, cred.issued + self.credential_lifetime)
-        return False
-
-    def end_id(self, session_id: str, reason: str) -> bool:
-        s = self.sessions.get(session_id)
-        if s is None:
-            return False
-        s.end(reason)
-        return True
-
-    def session_ended(self, s: Session, reason: str) -> None:
-        if self.sessions.get(s.id) is s:
-            del self.sessions[s.id]
-        self.tombstones.add(s.id, s.issued + self.credential_lifetime)
-        self.metrics.sessions_ended.labels(reason).inc()
-        self.count_bytes(s)
-        event(log, logging.INFO, "session ended", session=s.id, service=s.service.name, reason=reason,
-              bytes_up=s.bytes_up, bytes_down=s.bytes_down)
-
-    def end_service(self, entry: ServiceEntry) -> None:
-        for s in [s for s in self.sessions.values() if s.service is entry]:
-            s.end("service_deleted")
-        for f in [f for f in self.forwards if f.service is entry]:
-            f.close()
-
-    def end_all(self) -> None:
-        for s in list(self.sessions.values()):
-            s.end("shutdown")
-        for f in list(self.forwards):
-            f.close()
-
-    # -- observation -------------------------------------------------------------------------
-    def count_bytes(self, s: Any) -> None:
-        up, down = s.bytes_up - s.counted_up, s.bytes_down - s.counted_down
-        if up:
-            self.metrics.bytes.labels("up").inc(up)
-            s.counted_up = s.bytes_up
-        if down:
-            self.metrics.bytes.labels("down").inc(down)
-            s.counted_down = s.bytes_down
-
-    def collect(self) -> None:
-        """Bring gauges and byte counters up to date (called before each scrape)."""
-        states = {"attached": 0, "detached": 0, "forwarded": len(self.forwards)}
-        buffered = 0
-        for s in self.sessions.values():
-            if s.state == ATTACHED:
-                states["attached"] += 1
-            elif s.state == DETACHED:
-                states["detached"] += 1
-            buffered += s.buffered
-            self.count_bytes(s)
-        for f in self.forwards:
-            self.count_bytes(f)
-        for k, v in states.items():
-            self.metrics.sessions.labels(k).set(v)
-        self.metrics.buffered.set(buffered)
-        self.metrics.services.set(len(self.services))
-
-    def service_sessions(self, entry: ServiceEntry) -> int:
-        return sum(1 for s in self.sessions.values() if s.service is entry) + sum(
-            1 for f in self.forwards if f.service is entry)
-
-    def list_sessions(self, service: str | None = None) -> list[dict[str, Any]]:
-        out = [s.to_json() for s in self.sessions.values() if service is None or s.service.name == service]
-        out += [f.to_json() for f in self.forwards if service is None or f.service.name == service]
-        return sorted(out, key=lambda d: d["since"])

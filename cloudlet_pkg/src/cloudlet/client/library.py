@@ -27,8 +27,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudlet.protocol import HEADER_AFTER_FIN, Mode, Op, ProtocolError, Reply, Status, encode_header, read_reply
-from cloudlet.replay import ReplayRing
+from cloudlet.protocol.replay import ReplayRing
+from cloudlet.protocol.wire import HEADER_AFTER_FIN, Mode, Op, ProtocolError, Reply, Status, encode_header, read_reply
 
 READ_SIZE = 256 * 1024
 

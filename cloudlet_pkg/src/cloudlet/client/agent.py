@@ -27,8 +27,8 @@ from typing import Any
 from aiohttp import web
 
 from cloudlet.client import SessionClient, SessionRefused
-from cloudlet.hop import parse_hostport
-from cloudlet.logs import event, setup_logging
+from cloudlet.common.addresses import parse_hostport
+from cloudlet.common.logs import event, setup_logging
 
 log = logging.getLogger(__name__)
 READ_SIZE = 256 * 1024
@@ -299,7 +299,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--log-format", default="text", choices=["json", "text"])
 
     def _run_cmd(a: argparse.Namespace) -> int:
-        from cloudlet.sessiond import use_fast_loop
+        from cloudlet.common.loop import use_fast_loop
 
         setup_logging(a.log_level, a.log_format)
         use_fast_loop(a.loop)

@@ -1,23 +1,15 @@
-"""`cloudlet sessiond`: the Session Service daemon of one cloudlet (docs/sessiond.md).
+"""One running session daemon: service ports, the peer endpoint, the control API, metrics, saved services.
 
-It listens on one port per service (relaying to the service's backend), on the peer endpoint
-(loopback; reached by other cloudlets through their tunnels), on a Unix socket for the control API
-(HTTP/JSON, used by the controller) and on an HTTP port for Prometheus metrics.
+Usable in-process (tests, benchmarks) as well as from ``cloudlet sessiond`` (``cloudlet.sessiond.main``).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import os
-import signal
-import socket
-import tomllib
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,91 +17,17 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from cloudlet import credentials
-from cloudlet.common.names import NAME_RULE, check_name, is_name
-from cloudlet.hop import make_connector, parse_hostport
-from cloudlet.logs import event, setup_logging
-from cloudlet.metrics import SessiondMetrics
-from cloudlet.relay import ServerConnection
-from cloudlet.session import ServiceEntry, SessionManager
+from cloudlet.common.addresses import format_address, parse_hostport
+from cloudlet.common.logs import event
+from cloudlet.common.names import NAME_RULE, is_name
+from cloudlet.protocol import credentials
+from cloudlet.relay.connection import ServerConnection
+from cloudlet.relay.manager import ServiceEntry, SessionManager
+from cloudlet.relay.metrics import SessiondMetrics
+from cloudlet.sessiond.config import SessiondConfig
+from cloudlet.sessiond.peers import make_connector
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass
-class SessiondConfig:
-    """The ``[sessiond]`` table plus ``[peers.*]`` (every key documented in docs/sessiond.md)."""
-
-    cloudlet: str
-    secret_file: str
-    control_socket: str = "/run/cloudlet/sessiond.sock"
-    state_dir: str = "/var/lib/cloudlet/sessiond"
-    peer_listen: str = "127.0.0.1:7700"
-    metrics_listen: str = "127.0.0.1:9701"
-    grace_seconds: float = 30.0
-    buffer_bytes: int = 1048576
-    replay_bytes: int = 2097152
-    max_sessions: int = 100000
-    header_timeout_seconds: float = 5.0
-    credential_lifetime_seconds: float = 86400.0
-    backend_connect_timeout_seconds: float = 5.0
-    peer_connect_timeout_seconds: float = 3.0
-    peer_listen_allow_remote: bool = False
-    splice_threshold_bytes: int = 1048576
-    log_level: str = "info"
-    log_format: str = "json"
-    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SessiondConfig":
-        unknown_top = set(data) - {"sessiond", "peers"}
-        if unknown_top:
-            raise ValueError(f"unknown config table(s): {', '.join(sorted(unknown_top))}")
-        table = dict(data.get("sessiond", {}))
-        known = {f.name for f in fields(cls)} - {"peers"}
-        unknown = set(table) - known
-        if unknown:
-            raise ValueError(f"unknown [sessiond] key(s): {', '.join(sorted(unknown))}")
-        for key in ("cloudlet", "secret_file"):
-            if key not in table:
-                raise ValueError(f"[sessiond] {key} is required")
-        cfg = cls(**table, peers={str(k): dict(v) for k, v in data.get("peers", {}).items()})
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SessiondConfig":
-        with open(path, "rb") as fh:
-            return cls.from_dict(tomllib.load(fh))
-
-    def validate(self) -> None:
-        check_name(self.cloudlet, "cloudlet name")
-        for name in self.peers:
-            check_name(name, "peer name")
-        host, _ = parse_hostport(self.peer_listen, "peer_listen")
-        if not self.peer_listen_allow_remote and not _is_loopback(host):
-            raise ValueError(f"peer_listen {self.peer_listen!r} is not a loopback address "
-                             "(peers reach it through their tunnel; set peer_listen_allow_remote = true to override)")
-        if self.metrics_listen:
-            parse_hostport(self.metrics_listen, "metrics_listen")
-        for key in ("grace_seconds", "header_timeout_seconds", "credential_lifetime_seconds",
-                    "backend_connect_timeout_seconds", "peer_connect_timeout_seconds"):
-            if float(getattr(self, key)) <= 0:
-                raise ValueError(f"{key} must be positive")
-        if int(self.buffer_bytes) < 1024 or int(self.max_sessions) < 1:
-            raise ValueError("buffer_bytes must be at least 1024 and max_sessions at least 1")
-        if int(self.replay_bytes) < 0:
-            raise ValueError("replay_bytes must be >= 0 (0: resumable sessions replay nothing)")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ApiError(Exception):
@@ -182,8 +100,8 @@ class Sessiond:
         if cfg.metrics_listen:
             await self._start_metrics()
         await self._restore_services()
-        event(log, logging.INFO, "sessiond started", cloudlet=cfg.cloudlet, peer_listen=_fmt(self.peer_address),
-              control_socket=cfg.control_socket, metrics_listen=_fmt(self.metrics_address),
+        event(log, logging.INFO, "sessiond started", cloudlet=cfg.cloudlet, peer_listen=format_address(self.peer_address),
+              control_socket=cfg.control_socket, metrics_listen=format_address(self.metrics_address),
               services=len(m.services), peers=sorted(cfg.peers),
               loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
 
@@ -332,7 +250,7 @@ class Sessiond:
         assert m is not None
         return web.json_response({
             "status": "ok", "cloudlet": self.config.cloudlet, "services": len(m.services), "sessions": m.live_count(),
-            "peer_listen": _fmt(self.peer_address), "metrics_listen": _fmt(self.metrics_address),
+            "peer_listen": format_address(self.peer_address), "metrics_listen": format_address(self.metrics_address),
         })
 
     async def _h_services(self, request: web.Request) -> web.Response:
@@ -395,10 +313,6 @@ class Sessiond:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _fmt(addr: tuple[str, int] | None) -> str | None:
-    return None if addr is None else f"{addr[0]}:{addr[1]}"
-
-
 @web.middleware
 async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -411,83 +325,3 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception as exc:
         log.exception("control API error")
         return web.json_response({"error": {"code": "internal", "message": type(exc).__name__}}, status=500)
-
-
-# -- command line ----------------------------------------------------------------------------
-def use_fast_loop(choice: str = "auto") -> None:
-    """Install uvloop's event loop policy when asked for (``auto``: if it is installed)."""
-    if choice == "asyncio":
-        return
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise SystemExit("--loop uvloop: uvloop is not installed (pip install 'cloudlet[uvloop]')") from None
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-def raise_nofile_limit(want: int = 1 << 20) -> int:
-    """Raise RLIMIT_NOFILE as far as allowed (each session holds two sockets)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for target in (want, hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), max(hard, target)))
-            return max(soft, target)
-        except (ValueError, OSError):
-            continue
-    return soft
-
-
-async def serve(config: SessiondConfig, ready_fd: int | None = None) -> None:
-    daemon = Sessiond(config)
-    await daemon.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if ready_fd is not None:
-        os.write(ready_fd, b"ready\n")
-        os.close(ready_fd)
-    notify = os.environ.get("NOTIFY_SOCKET")
-    if notify:
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect("\0" + notify[1:] if notify.startswith("@") else notify)
-            s.send(b"READY=1")
-    await stop.wait()
-    await daemon.stop()
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        config = SessiondConfig.load(args.config)
-    except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:
-        print(f"cloudlet sessiond: bad config {args.config}: {exc}", flush=True)
-        return 2
-    setup_logging(args.log_level or config.log_level, args.log_format or config.log_format)
-    raise_nofile_limit()
-    use_fast_loop(args.loop)
-    try:
-        asyncio.run(serve(config))
-    except (OSError, ValueError) as exc:
-        event(log, logging.ERROR, "sessiond failed to start", error=str(exc))
-        return 1
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "sessiond",
-        help="run the session daemon (service ports, peer endpoint, control API, metrics)",
-        description="Run the Session Service of this cloudlet: one port per service relaying to its backend, "
-        "sessions that survive disconnects (grace period, resume, takeover), forwarding to peer cloudlets, "
-        "a control API on a Unix socket and Prometheus metrics. See docs/sessiond.md.",
-    )
-    p.add_argument("--config", required=True, help="TOML config file (see docs/sessiond.md)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override the config's log_level")
-    p.add_argument("--log-format", choices=["json", "text"], help="override the config's log_format")
-    p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
-                   help="event loop: uvloop if installed (auto, the default), or plain asyncio")
-    p.set_defaults(func=run)

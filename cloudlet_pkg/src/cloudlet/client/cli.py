@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 from cloudlet.client import SessionClient, SessionRefused, end_session
-from cloudlet.hop import parse_hostport
+from cloudlet.common.addresses import parse_hostport
 
 
 def _credential(args: argparse.Namespace) -> str:

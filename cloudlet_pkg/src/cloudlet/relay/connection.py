@@ -1,22 +1,18 @@
-"""The byte relay: the server side of every session connection, and the forwarding pipe.
+"""The server side of every session connection: header, dispatch, then a pipe.
 
 :class:`ServerConnection` is the asyncio Protocol of each accepted connection, on a service port
 or on the peer endpoint. It reads the header (bounded size, bounded time), dispatches, and then
-becomes a pipe: into the session's upstream transport (anchor) or into a peer channel (forwarder).
-Writes go straight into the other side's transport; flow control pauses reading on the other side
-when a write buffer passes its high-water mark, so memory stays bounded per connection.
+hands its bytes to a session (anchor) or to a :class:`~cloudlet.relay.forward.Forward` (forwarder).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
-from cloudlet.hop import PeerError
-from cloudlet.logs import event
-from cloudlet.protocol import (
+from cloudlet.common.logs import event
+from cloudlet.protocol.wire import (
     HeaderParser,
     Mode,
     Op,
@@ -25,11 +21,12 @@ from cloudlet.protocol import (
     encode_reply,
     read_reply,
 )
-from cloudlet.session import WRITE_HIGH, Refused, ServiceEntry, Session, SessionManager
+from cloudlet.relay.forward import Forward, channel_closed, close_writer
+from cloudlet.relay.hop import PeerError
+from cloudlet.relay.manager import ServiceEntry, SessionManager
+from cloudlet.relay.session import WRITE_HIGH, Refused, Session
 
 log = logging.getLogger(__name__)
-
-PEER_READ_SIZE = 256 * 1024
 
 
 class ServerConnection(asyncio.Protocol):
@@ -200,21 +197,21 @@ class ServerConnection(asyncio.Protocol):
             async with asyncio.timeout(m.header_timeout + m.backend_connect_timeout):
                 reply = await read_reply(reader)
         except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as exc:
-            _close_writer(writer)
-            _channel_closed(m, header.target)
+            close_writer(writer)
+            channel_closed(m, header.target)
             raise Refused(Status.PEER_UNAVAILABLE, f"peer {header.target!r} gave no reply: {exc or type(exc).__name__}") from None
         except Exception as exc:  # tunnel errors (asyncssh.Error, ...)
-            _close_writer(writer)
-            _channel_closed(m, header.target)
+            close_writer(writer)
+            channel_closed(m, header.target)
             raise Refused(Status.PEER_UNAVAILABLE, f"peer {header.target!r} failed: {exc or type(exc).__name__}") from None
         if self.lost:
-            _close_writer(writer)
-            _channel_closed(m, header.target)
+            close_writer(writer)
+            channel_closed(m, header.target)
             return
         self.transport.write(reply.encode())
         if not reply.ok or header.op == Op.END:
-            _close_writer(writer)
-            _channel_closed(m, header.target)
+            close_writer(writer)
+            channel_closed(m, header.target)
             self.transport.close()
             event(log, logging.INFO, "forwarded request answered", session=sid, peer=header.target,
                   code=reply.status.name, op=header.op.name)
@@ -229,124 +226,3 @@ class ServerConnection(asyncio.Protocol):
         fwd.start()
         if not fwd.draining:
             self.transport.resume_reading()
-
-
-def _close_writer(writer: Any) -> None:
-    try:
-        writer.close()
-    except Exception:  # already closed or broken: nothing left to release
-        pass
-
-
-def _channel_closed(m: SessionManager, peer: str) -> None:
-    hook = getattr(m.connector, "channel_closed", None)
-    if hook is not None:
-        hook(peer)
-
-
-def _write_buffer_size(writer: Any) -> int:
-    transport = getattr(writer, "transport", None)
-    if transport is not None and hasattr(transport, "get_write_buffer_size"):
-        return int(transport.get_write_buffer_size())
-    channel = getattr(writer, "channel", None)
-    if channel is not None and hasattr(channel, "get_write_buffer_size"):
-        return int(channel.get_write_buffer_size())
-    return WRITE_HIGH + 1  # unknown: always wait for drain()
-
-
-class Forward:
-    """A forwarded connection: client <-> peer channel, passing half-closes; no session state."""
-
-    __slots__ = ("manager", "conn", "reader", "writer", "id", "service", "peer", "since", "bytes_up",
-                 "bytes_down", "counted_up", "counted_down", "task", "up_eof", "down_eof", "writable",
-                 "draining", "closed")
-
-    def __init__(self, manager: SessionManager, conn: ServerConnection, reader: Any, writer: Any, sid: str,
-                 service: ServiceEntry, peer: str) -> None:
-        self.manager = manager
-        self.conn = conn
-        self.reader = reader
-        self.writer = writer
-        self.id = sid
-        self.service = service
-        self.peer = peer
-        self.since = time.time()
-        self.bytes_up = self.bytes_down = self.counted_up = self.counted_down = 0
-        self.task: asyncio.Task[None] | None = None
-        self.up_eof = self.down_eof = self.draining = self.closed = False
-        self.writable = asyncio.Event()
-        self.writable.set()
-
-    def start(self) -> None:
-        self.task = self.manager.loop.create_task(self._pump())
-
-    def client_data(self, data: bytes) -> None:
-        self.bytes_up += len(data)
-        self.writer.write(data)
-        if not self.draining and _write_buffer_size(self.writer) > WRITE_HIGH:
-            self.draining = True
-            self.conn.transport.pause_reading()
-            self.manager.loop.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        try:
-            await self.writer.drain()
-        except Exception:  # the pump sees the broken channel and closes
-            pass
-        self.draining = False
-        if not self.closed and not self.conn.transport.is_closing():
-            self.conn.transport.resume_reading()
-
-    def client_eof(self) -> None:
-        self.up_eof = True
-        try:
-            self.writer.write_eof()
-        except Exception:
-            self.close()
-            return
-        if self.down_eof:
-            self.close()
-
-    async def _pump(self) -> None:
-        conn_t = self.conn.transport
-        try:
-            while True:
-                data = await self.reader.read(PEER_READ_SIZE)
-                if not data:
-                    break
-                self.bytes_down += len(data)
-                conn_t.write(data)
-                if not self.writable.is_set():
-                    await self.writable.wait()
-            self.down_eof = True
-            if not conn_t.is_closing():
-                conn_t.write_eof()
-            if self.up_eof:
-                self.close()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the peer channel broke: make the client see it
-            event(log, logging.INFO, "peer channel broke", session=self.id, peer=self.peer, error=str(exc) or type(exc).__name__)
-            conn_t.abort()
-            self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.conn.forward = None
-        if not self.conn.transport.is_closing():
-            self.conn.transport.close()
-        _close_writer(self.writer)
-        _channel_closed(self.manager, self.peer)
-        if self.task is not None and self.task is not asyncio.current_task():
-            self.task.cancel()
-        self.writable.set()
-        self.manager.forwards.discard(self)
-        self.manager.count_bytes(self)
-        event(log, logging.INFO, "forward closed", session=self.id, peer=self.peer,
-              bytes_up=self.bytes_up, bytes_down=self.bytes_down)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "service": self.service.name, "state": "forwarded", "since": round(self.since, 3),
-                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "buffered": 0, "peer": self.peer}

@@ -1,0 +1,96 @@
+"""The sessiond's peer connector: one per transport (tcp, ssh), behind the relay's ``PeerConnector``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from cloudlet.common.logs import event
+from cloudlet.protocol.wire import Status
+from cloudlet.relay.hop import PeerConnector, PeerError, TcpPeerConnector
+
+log = logging.getLogger(__name__)
+
+
+TRANSPORTS = ("tcp", "ssh")
+
+
+class CompositeConnector:
+    """Dispatches ``open(peer)`` to the connector of that peer's transport; never hangs."""
+
+    def __init__(self, routes: dict[str, PeerConnector], connectors: list[PeerConnector], open_timeout: float = 5.0) -> None:
+        self.routes = routes
+        self.connectors = connectors
+        self.open_timeout = open_timeout
+
+    async def start(self) -> None:
+        for c in self.connectors:
+            start = getattr(c, "start", None)
+            if start is not None:
+                await start()
+
+    async def open(self, peer: str) -> tuple[Any, Any]:
+        conn = self.routes.get(peer)
+        if conn is None:
+            raise PeerError(Status.UNKNOWN_PEER, f"no peer named {peer!r} in this cloudlet's config")
+        try:
+            async with asyncio.timeout(self.open_timeout):
+                return await conn.open(peer)
+        except PeerError:
+            raise
+        except asyncio.TimeoutError:
+            raise PeerError(Status.PEER_UNAVAILABLE, f"peer {peer!r}: no channel within {self.open_timeout:g} s") from None
+        except Exception as exc:  # a tunnel's own errors (asyncssh.Error, OSError, ...)
+            event(log, logging.WARNING, "peer open failed", peer=peer, error=str(exc) or type(exc).__name__)
+            raise PeerError(Status.PEER_UNAVAILABLE, f"peer {peer!r} unavailable: {exc or type(exc).__name__}") from None
+
+    def channel_closed(self, peer: str) -> None:
+        conn = self.routes.get(peer)
+        closed = getattr(conn, "channel_closed", None)
+        if closed is not None:
+            closed(peer)
+
+    async def close(self) -> None:
+        for c in self.connectors:
+            try:
+                await c.close()
+            except Exception as exc:  # closing must go on for the others
+                event(log, logging.WARNING, "peer connector close failed", error=str(exc))
+
+    def status(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for c in self.connectors:
+            st = getattr(c, "status", None)
+            if st is not None:
+                out.extend(st())
+        return sorted(out, key=lambda p: p["name"])
+
+    def metrics(self, registry: Any) -> None:
+        for c in self.connectors:
+            hook = getattr(c, "metrics", None)
+            if hook is not None:
+                hook(registry)
+
+
+def make_connector(peers: dict[str, dict[str, Any]], connect_timeout: float = 3.0) -> CompositeConnector:
+    """Build the connector for the ``[peers.*]`` tables of the sessiond config."""
+    by_transport: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in TRANSPORTS}
+    for name, cfg in peers.items():
+        transport = str(cfg.get("transport", "tcp"))
+        if transport not in TRANSPORTS:
+            raise ValueError(f"peer {name!r}: transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        by_transport[transport][name] = cfg
+    routes: dict[str, PeerConnector] = {}
+    connectors: list[PeerConnector] = []
+    if by_transport["tcp"]:
+        tcp = TcpPeerConnector.from_config(by_transport["tcp"], connect_timeout)
+        connectors.append(tcp)
+        routes.update({n: tcp for n in by_transport["tcp"]})
+    if by_transport["ssh"]:
+        from cloudlet.tunnel.connector import SshPeerConnector  # lazy: asyncssh only where SSH peers exist
+
+        ssh = SshPeerConnector.from_config(by_transport["ssh"])
+        connectors.append(ssh)
+        routes.update({n: ssh for n in by_transport["ssh"]})
+    return CompositeConnector(routes, connectors, open_timeout=connect_timeout + 2.0)
