@@ -10,12 +10,12 @@ WHEEL_SOURCES := $(shell find cloudlet_pkg/src -type f -not -path '*/__pycache__
 .PHONY: wheelhouse fleet-image fleet-up fleet-down fleet-status site launch demo demo-run demo-down \
         test-fleet test-molecule lint-fleet
 
-wheelhouse: wheelhouse/.stamp ## build the wheelhouse the roles install from (cloudlet + deps)
+wheelhouse: wheelhouse/.stamp ## build the wheelhouse the roles install from (cloudlet, its node and kubernetes extras, their deps)
 wheelhouse/.stamp: $(WHEEL_SOURCES)
 	@echo "== wheelhouse: pip wheel cloudlet_pkg and its dependencies"
 	@mkdir -p wheelhouse
 	@rm -f wheelhouse/cloudlet-*.whl
-	SOURCE_DATE_EPOCH=315532800 $(PY) -m pip wheel -q --disable-pip-version-check -w wheelhouse ./cloudlet_pkg
+	SOURCE_DATE_EPOCH=315532800 $(PY) -m pip wheel -q --disable-pip-version-check -w wheelhouse "./cloudlet_pkg[node,kubernetes]"
 	@touch $@
 
 fleet-image: ## build (or reuse) the local fleet's host image (debootstrap, cached in .cache/fleet)

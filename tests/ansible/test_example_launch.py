@@ -12,8 +12,8 @@ import asyncio
 import socket
 
 import pytest
-from ansible_fleet import Fleet, containers_of, podman
 from cloudlet.client import attach
+from support.ansible_fleet import Fleet, containers_of, podman
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cloudlet.bench.migrate import Lines, criu_version
+from cloudlet_bench.migrate import Lines, criu_version
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from .conftest import podman, podman_env
+from support.controller import podman, podman_env
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 

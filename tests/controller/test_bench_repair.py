@@ -7,15 +7,14 @@ import subprocess
 import sys
 
 import pytest
-
-from .conftest import podman, podman_env
+from support.controller import podman, podman_env
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
 
 def test_repair_bench_reports_both_paths_and_cleans_up(podman_socket: str, demo_image: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cloudlet.controller.repair_bench", "--runs", "1", "--interval", "1", "--json",
+        [sys.executable, "-m", "cloudlet_bench.repair", "--runs", "1", "--interval", "1", "--json",
          "--quiet", "--podman-socket", podman_socket],
         capture_output=True, text=True, env=podman_env(), timeout=240,
     )
@@ -35,6 +34,6 @@ def test_repair_bench_reports_both_paths_and_cleans_up(podman_socket: str, demo_
 
 def test_repair_bench_rejects_bad_options() -> None:
     for args in (["--runs", "0"], ["--interval", "0.1"]):
-        proc = subprocess.run([sys.executable, "-m", "cloudlet.controller.repair_bench", *args],
+        proc = subprocess.run([sys.executable, "-m", "cloudlet_bench.repair", *args],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "must be" in proc.stderr

@@ -12,22 +12,9 @@ import shutil
 
 import pytest
 from cloudlet.client import SessionRefused, attach
-
-from .conftest import Stack, containers_of, poll, read_line
+from support.controller import Stack, containers_of, demo_body, open_session, poll, read_line
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
-
-
-def demo_body(image: str, **extra: object) -> dict[str, object]:
-    return {"image": image, "port": 7000, "env": {"PORT": "7000"}, "limits": {"cpus": 0.5, "memory_mb": 64}, **extra}
-
-
-async def open_session(stack: Stack, name: str):  # type: ignore[no-untyped-def]
-    status, sess = await stack.api("POST", f"/v1/services/{name}/sessions")
-    assert status == 201, sess
-    reader, writer, _ = await attach(sess["host"], sess["port"], sess["session"])
-    assert (await read_line(reader)).startswith("HELLO cloudlet-demo")
-    return sess, reader, writer
 
 
 async def test_launch_connect_through_session_port_and_delete(stack: Stack, demo_image: str) -> None:
@@ -208,7 +195,7 @@ async def test_restart_of_both_daemons_rebuilds_state_from_labels(stack: Stack, 
 
 
 async def test_reconcile_removes_registration_of_vanished_container(stack: Stack, demo_image: str) -> None:
-    from .conftest import podman
+    from support.controller import podman
 
     assert (await stack.api("PUT", "/v1/services/gone", demo_body(demo_image)))[0] == 201
     podman("rm", "-f", "-t", "0", f"cloudlet-{stack.cloudlet}-gone")
@@ -265,7 +252,7 @@ async def test_session_keeps_the_demo_connection_state_across_a_detach(stack: St
 
 
 async def test_reconcile_starts_a_stopped_container_again(stack: Stack, demo_image: str) -> None:
-    from .conftest import podman
+    from support.controller import podman
 
     status, svc = await stack.api("PUT", "/v1/services/boot", demo_body(demo_image))
     assert status == 201

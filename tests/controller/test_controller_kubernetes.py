@@ -11,9 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-
-from .conftest import Stack, poll
-from .k8s_fake import FakeKubernetes, kubeconfig_for
+from support.controller import Stack, poll
+from support.k8s_fake import FakeKubernetes, kubeconfig_for
 
 pytestmark = pytest.mark.slow
 

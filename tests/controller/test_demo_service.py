@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 from cloudlet.images import DEMO_IMAGE, SOURCE_LABEL, demo_source_dir, image_source_hash, source_hash
-
-from .conftest import free_port, podman_env, read_line
+from support.controller import free_port, podman_env, read_line
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ from collections.abc import Iterator
 import pytest
 from cloudlet.controller.runtime.base import BadName
 from cloudlet.controller.runtime.podman import PodmanRuntime
-
-from .conftest import Stack, podman
+from support.controller import Stack, podman
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 

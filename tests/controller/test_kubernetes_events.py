@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-
-from .conftest import Stack, poll
-from .k8s_fake import FakeKubernetes, kubeconfig_for
-from .test_runtime_events import LONG_INTERVAL, metric, metrics_text
+from support.controller import LONG_INTERVAL, Stack, metric, metrics_text, poll
+from support.k8s_fake import FakeKubernetes, kubeconfig_for
 
 pytestmark = pytest.mark.slow
 

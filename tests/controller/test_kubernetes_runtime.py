@@ -25,9 +25,8 @@ from cloudlet.controller.runtime.base import (
     ServiceSpec,
 )
 from cloudlet.controller.runtime.kubernetes import KubernetesApiError, KubernetesRuntime
-
-from .conftest import free_port
-from .k8s_fake import FakeKubernetes, kubeconfig_for
+from support.controller import free_port
+from support.k8s_fake import FakeKubernetes, kubeconfig_for
 
 IMAGE = os.environ.get("CLOUDLET_TEST_IMAGE", "localhost/cloudlet-demo:latest")
 

@@ -19,8 +19,7 @@ from cloudlet.controller.runtime.base import (
     ServiceSpec,
 )
 from cloudlet.controller.runtime.podman import PodmanRuntime
-
-from .conftest import containers_of, podman, read_line
+from support.controller import containers_of, podman, read_line
 
 pytestmark = pytest.mark.podman
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,28 +20,7 @@ from cloudlet.controller import config as config_mod
 from cloudlet.controller.daemon import ControllerDaemon
 from cloudlet.controller.runtime.base import RuntimeEvent
 from cloudlet.controller.runtime.podman import MAX_EVENT_BYTES, PodmanRuntime
-
-from .conftest import Stack, containers_of, podman, poll, read_line
-from .test_controller_e2e import demo_body, open_session
-
-LONG_INTERVAL = 60.0
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Value of one sample in Prometheus text (0 if absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" ([0-9.e+-]+)$"
-    for line in text.splitlines():
-        m = re.match(pattern, line)
-        if m:
-            return float(m.group(1))
-    return 0.0
-
-
-async def metrics_text(stack: Stack) -> str:
-    status, text = await stack.api("GET", "/metrics", token=None)
-    assert status == 200
-    return str(text)
+from support.controller import LONG_INTERVAL, Stack, containers_of, demo_body, metric, metrics_text, open_session, podman, poll, read_line
 
 
 @pytest.fixture
@@ -322,7 +300,7 @@ async def test_watcher_reconnects_after_the_podman_api_service_restarts(
     """The real thing: our own `podman system service` goes away and comes back on the same socket."""
     import subprocess
 
-    from .conftest import _wait_unix_http, podman_env
+    from support.controller import podman_env, wait_unix_http
 
     sock = str(tmp_path / "own-podman.sock")
 
@@ -330,7 +308,7 @@ async def test_watcher_reconnects_after_the_podman_api_service_restarts(
         with open(tmp_path / "own-podman.log", "ab") as out:
             proc = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"],
                                     env=podman_env(), stdout=out, stderr=subprocess.STDOUT)
-        _wait_unix_http(sock)
+        wait_unix_http(sock)
         return proc
 
     def stop_service(proc: subprocess.Popen[bytes]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cloudlet.sessiond.peers import make_connector
-from sessiond_helpers import issue, peer_addr, wait_for
+from support.sessiond import issue, peer_addr, wait_for
 
 
 def free_port() -> int:
@@ -113,7 +113,7 @@ async def test_redis_cli_keeps_its_connection_across_switches(make_sessiond, red
 async def test_failed_switch_falls_back_and_the_program_notices_nothing(make_sessiond, tmp_path: Path) -> None:
     from cloudlet.client import SessionRefused
     from cloudlet.client.agent import Agent
-    from sessiond_helpers import Backend
+    from support.sessiond import Backend
 
     echo = await Backend(echo=True).start()
     try:
@@ -144,7 +144,7 @@ async def test_switches_without_fin_lose_nothing_in_resumable_mode(make_sessiond
     import struct
 
     from cloudlet.client.agent import Agent
-    from sessiond_helpers import Backend
+    from support.sessiond import Backend
 
     echo = await Backend(echo=True).start()
     try:

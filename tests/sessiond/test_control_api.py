@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from cloudlet.client import SessionClient, SessionRefused
 from cloudlet.protocol.wire import Status
-from sessiond_helpers import Backend, api, issue, start_sessiond_process, stop_process
+from support.sessiond import Backend, api, issue, start_sessiond_process
 
 
 async def test_services_crud_and_errors(make_sessiond, echo_backend: Backend, backend: Backend) -> None:
@@ -140,7 +140,7 @@ async def test_sessiond_process_end_to_end_with_restart(tmp_path, secret_file, e
         assert await c2.recv_exactly(13) == b"after restart"
         await c2.close()
     finally:
-        stop_process(sp2)
+        sp2.stop()
 
 
 async def test_bad_config_is_a_clear_error(tmp_path, secret_file) -> None:
@@ -162,7 +162,7 @@ async def test_sessiond_tells_systemd_it_is_ready(tmp_path, secret_file) -> None
     """Type=notify units: sessiond sends READY=1 to $NOTIFY_SOCKET once it listens."""
     import socket as _socket
 
-    from sessiond_helpers import write_config
+    from cloudlet_bench.harness.sessiond import write_config
 
     notify = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
@@ -223,4 +223,4 @@ async def test_real_process_splice_path_under_uvloop(tmp_path, secret_file, echo
         assert started[0]["loop"] == "uvloop"
         await c.close()
     finally:
-        stop_process(sp)
+        sp.stop()

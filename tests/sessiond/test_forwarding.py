@@ -9,24 +9,7 @@ import time
 import pytest
 from cloudlet.client import SessionClient, SessionRefused
 from cloudlet.protocol.wire import Status, encode_header, read_reply
-from sessiond_helpers import Backend, issue, peer_addr, wait_for
-
-
-async def fleet(make_sessiond, backend: Backend, names=("a", "b", "c")):  # type: ignore[no-untyped-def]
-    """Start one sessiond per name, each with every other as a tcp peer, and the service on all."""
-    daemons = {}
-    for n in names:
-        daemons[n] = await make_sessiond(n)
-    for n, d in daemons.items():
-        peers = {o: {"transport": "tcp", "address": peer_addr(od)} for o, od in daemons.items() if o != n}
-        from cloudlet.sessiond.peers import make_connector
-
-        d.manager.connector = make_connector(peers, 2.0)
-    ports = {}
-    for n, d in daemons.items():
-        entry, _ = await d.put_service("svc", backend.address)
-        ports[n] = entry.port
-    return daemons, ports
+from support.sessiond import Backend, fleet, issue, peer_addr, wait_for
 
 
 async def test_handover_a_b_c_stays_one_hop_and_keeps_the_stream(make_sessiond, backend: Backend) -> None:
@@ -202,7 +185,7 @@ async def test_one_client_hands_over_the_other_sees_no_gap(make_sessiond) -> Non
 async def test_handover_between_real_sessiond_processes(tmp_path, secret_file, backend: Backend) -> None:
     """Two `cloudlet sessiond` processes with a tcp peer: a FIN move a -> b and back keeps one
     backend connection and every byte in order; a move without FIN is taken over by the anchor."""
-    from sessiond_helpers import api, start_sessiond_process, stop_process
+    from support.sessiond import api, start_sessiond_process
 
     a = await start_sessiond_process(tmp_path / "a", secret_file, "a")
     b = None
@@ -241,8 +224,8 @@ async def test_handover_between_real_sessiond_processes(tmp_path, secret_file, b
         await client.close()
     finally:
         if b is not None:
-            stop_process(b)
-        stop_process(a)
+            b.stop()
+        a.stop()
 
 
 async def test_client_handover_by_name_and_resume_after_a_drop(make_sessiond, backend: Backend) -> None:

@@ -9,7 +9,7 @@ import pytest
 from cloudlet.client import SessionClient, SessionRefused
 from cloudlet.protocol import credentials
 from cloudlet.protocol.wire import HEADER_FIXED, MAGIC, Status, encode_header, read_reply
-from sessiond_helpers import SECRET, Backend, issue
+from support.sessiond import SECRET, Backend, issue
 
 
 async def refused_with(port: int, payload: bytes, *, half_close: bool = False) -> Status:

@@ -7,7 +7,7 @@ import struct
 
 from cloudlet.client import SessionClient
 from cloudlet.protocol.wire import HEADER_AFTER_FIN, Mode, Op, Status, encode_header, read_reply
-from sessiond_helpers import Backend, issue, raw_connect, wait_for
+from support.sessiond import Backend, fleet, issue, raw_connect, wait_for
 
 
 def _session(daemon, cred: str):  # type: ignore[no-untyped-def]
@@ -135,8 +135,6 @@ async def test_client_repairs_a_gap_left_by_a_broken_old_connection(make_session
 
 
 async def test_forwarded_no_fin_moves_lose_nothing_both_ways(make_sessiond, echo_backend: Backend) -> None:
-    from test_forwarding import fleet
-
     daemons, ports = await fleet(make_sessiond, echo_backend, ("a", "b"))
     client = SessionClient("127.0.0.1", ports["a"], issue("svc"), resumable=True)
     await client.open()

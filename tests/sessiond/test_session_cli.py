@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from sessiond_helpers import Backend, api, issue, start_sessiond_process, stop_process
+from support.sessiond import Backend, api, issue, start_sessiond_process
 
 
 async def cli(*args: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
@@ -38,7 +38,7 @@ async def test_cat_list_end(tmp_path, secret_file, echo_backend: Backend) -> Non
         rc, _, err = await cli("cat", "--address", addr, "--credential", "forged", stdin=b"x")
         assert rc == 3 and b"BAD_CREDENTIAL" in err
     finally:
-        stop_process(sp)
+        sp.stop()
 
 
 async def test_cat_exits_when_the_backend_closes_with_stdin_open(make_sessiond) -> None:

@@ -10,7 +10,7 @@ import time
 import pytest
 from cloudlet.client import SessionClient, SessionRefused
 from cloudlet.protocol.wire import Status
-from sessiond_helpers import Backend, issue, wait_for
+from support.sessiond import Backend, issue, wait_for
 
 
 @pytest.fixture(params=["protocol", "splice"])

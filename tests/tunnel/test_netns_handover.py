@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from cloudlet.protocol import credentials
-from netns_bed import SECRET, SERVICE_PORT, Bed, attach_once, netns_unavailable, run_device, scrape_metrics
+from support.netns import SECRET, SERVICE_PORT, Bed, attach_once, netns_unavailable, run_device, scrape_metrics
 
 pytestmark = [pytest.mark.netns, pytest.mark.sshd, pytest.mark.slow]
 

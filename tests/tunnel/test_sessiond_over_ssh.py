@@ -15,7 +15,7 @@ from cloudlet.protocol import credentials
 from cloudlet.protocol.wire import Status
 from cloudlet.sessiond.config import SessiondConfig
 from cloudlet.sessiond.daemon import Sessiond
-from cloudlet.tunnel_sshd import TunnelSshd
+from cloudlet_bench.harness.sshd import TunnelSshd
 
 pytestmark = pytest.mark.sshd
 

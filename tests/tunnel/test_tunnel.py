@@ -16,7 +16,7 @@ from cloudlet.relay.hop import PeerError
 from cloudlet.tunnel.channel import READER_LIMIT
 from cloudlet.tunnel.connector import SshPeerConnector
 from cloudlet.tunnel.errors import PeerUnavailable, TunnelConfigError
-from cloudlet.tunnel_sshd import TunnelSshd
+from cloudlet_bench.harness.sshd import TunnelSshd, wait_tunnels_up
 from prometheus_client import CollectorRegistry, generate_latest
 
 pytestmark = pytest.mark.sshd
@@ -80,7 +80,7 @@ async def test_channel_carries_bytes_both_ways_with_half_close(sshd: TunnelSshd,
     c = await connector_for(("a", sshd.peer_table("a", **FAST)))
     c.metrics(registry)
     try:
-        assert await c.wait_up(15), c.status()
+        assert await wait_tunnels_up(c, 15), c.status()
         data = os.urandom(6 * 1024 * 1024 + 17)
         reader, writer = await c.open("a")
         assert isinstance(reader, asyncio.StreamReader) and isinstance(writer, asyncio.StreamWriter)
@@ -123,7 +123,7 @@ async def test_channel_carries_bytes_both_ways_with_half_close(sshd: TunnelSshd,
 async def test_without_fast_path_the_bytes_are_the_same(sshd: TunnelSshd) -> None:
     c = await connector_for(("a", sshd.peer_table("a", fast_path=False, ciphers=["chacha20-poly1305@openssh.com"])))
     try:
-        assert await c.wait_up(15), c.status()
+        assert await wait_tunnels_up(c, 15), c.status()
         data = os.urandom(1_000_003)
         assert await roundtrip(*await c.open("a"), data) == data
         st = c.status()[0]
@@ -136,7 +136,7 @@ async def test_fast_path_survives_many_rekeys(sshd: TunnelSshd) -> None:
     """Key re-exchange every 256 KiB while data flows both ways on the direct AES-GCM path."""
     c = await connector_for(("a", sshd.peer_table("a", rekey_bytes=256 * 1024, **FAST)))
     try:
-        assert await c.wait_up(15), c.status()
+        assert await wait_tunnels_up(c, 15), c.status()
         conn = c.tunnels["a"]._conn
         kexinits = []
         original = conn._send_kexinit
@@ -175,7 +175,7 @@ async def test_slow_reader_gets_every_byte_in_order_with_bounded_buffering(sshd_
     sshd = sshd_factory(f"127.0.0.1:{pusher.sockets[0].getsockname()[1]}")
     c = await connector_for(("a", sshd.peer_table("a", window=1 << 20, **FAST)))
     try:
-        assert await c.wait_up(15), c.status()
+        assert await wait_tunnels_up(c, 15), c.status()
         reader, writer = await c.open("a")
         chan = writer.transport.get_extra_info("ssh_channel")
         await asyncio.sleep(1.0)  # the reader does not read: the peer must stop at the window
@@ -274,7 +274,7 @@ async def test_wrong_host_key_refuses_the_tunnel(sshd: TunnelSshd, tmp_path: Pat
 async def test_sshd_killed_and_restarted_tunnel_comes_back(sshd: TunnelSshd) -> None:
     c = await connector_for(("a", sshd.peer_table("a", **FAST)))
     try:
-        assert await c.wait_up(15), c.status()
+        assert await wait_tunnels_up(c, 15), c.status()
         reader, writer = await c.open("a")
         writer.write(b"before")
         assert await reader.readexactly(6) == b"before"
@@ -295,7 +295,7 @@ async def test_sshd_killed_and_restarted_tunnel_comes_back(sshd: TunnelSshd) -> 
             await c.open("a")
         assert time.monotonic() - started < 0.5
         sshd.start()
-        assert await c.wait_up(15), c.status()
+        assert await wait_tunnels_up(c, 15), c.status()
         data = os.urandom(500_000)
         assert await roundtrip(*await c.open("a"), data) == data
         st = c.status()[0]
@@ -312,7 +312,7 @@ async def test_frozen_peer_is_detected_by_keepalives_and_replaced(sshd: TunnelSs
     c = await connector_for(("a", table))
     frozen: list[int] = []
     try:
-        assert await c.wait_up(15), c.status()
+        assert await wait_tunnels_up(c, 15), c.status()
         for _ in range(500):  # the monitor forks the session process just after authentication
             frozen = sshd._descendants()
             if len(frozen) >= 2:
@@ -330,7 +330,7 @@ async def test_frozen_peer_is_detected_by_keepalives_and_replaced(sshd: TunnelSs
         assert time.monotonic() - started < 5.0
         with pytest.raises(PeerUnavailable):
             await c.open("a")
-        assert await c.wait_up(15), c.status()  # a new connection to the (still running) listener
+        assert await wait_tunnels_up(c, 15), c.status()  # a new connection to the (still running) listener
         data = os.urandom(100_000)
         assert await roundtrip(*await c.open("a"), data) == data
         assert c.status()[0]["reconnects"] == 1
@@ -356,7 +356,7 @@ async def test_silent_peer_does_not_stall_the_others(sshd: TunnelSshd) -> None:
     mute_table["port"] = silent_port
     c = await connector_for(("mute", mute_table), ("good", sshd.peer_table("good", **FAST)))
     try:
-        assert await c.wait_up(15, ["good"])
+        assert await wait_tunnels_up(c, 15, ["good"])
         for _ in range(200):
             if accepted:
                 break
@@ -392,6 +392,6 @@ async def test_missing_client_key_is_reported_and_retried(sshd: TunnelSshd, tmp_
         assert str(key) in (c.status()[0]["last_error"] or "")
         key.write_bytes(sshd.client_key.read_bytes())
         key.chmod(0o600)
-        assert await c.wait_up(15), c.status()  # the key appeared: the tunnel comes up by itself
+        assert await wait_tunnels_up(c, 15), c.status()  # the key appeared: the tunnel comes up by itself
     finally:
         await c.close()

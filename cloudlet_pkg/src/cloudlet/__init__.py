@@ -1,3 +1,3 @@
 """Handover-capable container cloudlets (controller, session daemon, tunnels, client)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

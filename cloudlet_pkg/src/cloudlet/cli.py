@@ -12,18 +12,34 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any
 
 from cloudlet import __version__
 
-# (subcommand, module that registers it)
-COMPONENTS: tuple[tuple[str, str], ...] = (
-    ("sessiond", "cloudlet.sessiond.main"),
-    ("controller", "cloudlet.controller.main"),
-    ("agent", "cloudlet.client.agent"),
-    ("session", "cloudlet.client.cli"),
-    ("image", "cloudlet.images"),
-    ("bench", "cloudlet.bench"),
+# (subcommand, module that registers it, the extra it needs beyond the device-side install)
+COMPONENTS: tuple[tuple[str, str, str], ...] = (
+    ("sessiond", "cloudlet.sessiond.main", "node"),
+    ("controller", "cloudlet.controller.main", "node"),
+    ("agent", "cloudlet.client.agent", ""),
+    ("session", "cloudlet.client.cli", ""),
+    ("image", "cloudlet.images", ""),
 )
+# other distributions add subcommands here (cloudlet-bench adds `bench`)
+ENTRY_POINT_GROUP = "cloudlet.commands"
+
+
+def _missing(sub: Any, name: str, extra: str, exc: ModuleNotFoundError) -> None:
+    """A subcommand whose dependencies are not installed: it says which install brings them."""
+    hint = f"pip install 'cloudlet[{extra}]'" if extra else "reinstall cloudlet"
+    parser = sub.add_parser(name, help=f"(not installed here: {hint})", add_help=False, prefix_chars="\x01")
+    parser.add_argument("rest", nargs="*")
+
+    def fail(args: argparse.Namespace) -> int:
+        print(f"cloudlet {name}: needs the Python module {exc.name!r}, which is not installed: {hint}", file=sys.stderr)
+        return 2
+
+    parser.set_defaults(func=fail)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,16 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cloudlet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in COMPONENTS:
+    for name, module_name, extra in COMPONENTS:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("cloudlet"):
-                continue  # component not part of this build
-            raise
+            if exc.name and exc.name.split(".")[0] == "cloudlet":
+                raise
+            _missing(sub, name, extra, exc)
+            continue
         module.register(sub)
         if name not in sub.choices:  # pragma: no cover - programming error
             raise RuntimeError(f"{module_name}.register() did not add {name!r}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in sub.choices:
+            continue
+        try:
+            register = ep.load()
+        except ModuleNotFoundError as exc:
+            _missing(sub, ep.name, "node", exc)
+            continue
+        register(sub)
     return parser
 
 

@@ -10,8 +10,6 @@ import asyncssh
 
 from cloudlet.tunnel._fastpath import _DirectData
 
-
-
 log = logging.getLogger(__name__)
 
 

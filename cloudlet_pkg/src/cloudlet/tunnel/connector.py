@@ -36,12 +36,6 @@ class SshPeerConnector:
         for t in self.tunnels.values():
             t.start()
 
-    async def wait_up(self, timeout: float = 10.0, peers: list[str] | None = None) -> bool:
-        """Wait until the given (default: all) tunnels are up; False if any is not within ``timeout``."""
-        names = peers or list(self.tunnels)
-        results = await asyncio.gather(*(self.tunnels[n].wait_up(timeout) for n in names))
-        return all(results)
-
     async def open(self, peer: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         tunnel = self.tunnels.get(peer)
         if tunnel is None:

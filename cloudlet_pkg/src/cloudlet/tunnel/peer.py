@@ -43,7 +43,6 @@ class PeerTunnel:
     _direct: _DirectData | None = None
     _task: asyncio.Task[None] | None = None
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
-    _up: asyncio.Event = field(default_factory=asyncio.Event)
     _ever_up: bool = False
 
     @property
@@ -69,14 +68,6 @@ class PeerTunnel:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"tunnel-{self.name}")
-
-    async def wait_up(self, timeout: float) -> bool:
-        """Wait until the tunnel is up (for tests and benchmarks); False on timeout."""
-        try:
-            await asyncio.wait_for(self._up.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
 
     def _options(self) -> asyncssh.SSHClientConnectionOptions:
         cfg = self.config
@@ -131,7 +122,6 @@ class PeerTunnel:
                 self._failed(f"{type(exc).__name__}: {exc}", logging.ERROR, "tunnel failed unexpectedly")
             finally:
                 self._conn = None
-                self._up.clear()
                 self.up_since = None
                 self.rtt_ms = None
                 self.state = "down"
@@ -166,7 +156,6 @@ class PeerTunnel:
         self.state = "up"
         self.up_since = time.time()
         self.last_error = None
-        self._up.set()
         event(log, logging.INFO, "tunnel up", peer=cfg.name, host=cfg.host, port=cfg.port, cipher=self.cipher,
               fast_path=self.fast_path, reconnects=self.reconnects)
         rtt_task = asyncio.get_running_loop().create_task(self._measure_rtt(conn))
@@ -174,7 +163,6 @@ class PeerTunnel:
             await conn.wait_closed()
         finally:
             rtt_task.cancel()
-            self._up.clear()
             self._conn = None
             self._direct = None
             self.state = "down"

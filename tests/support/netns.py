@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cloudlet.tunnel_sshd import TunnelSshd, keygen
+from cloudlet_bench.harness.sshd import TunnelSshd, keygen
 
 SUBNET = "10.213.0"
 PEER_ENDPOINT = "127.0.0.1:7700"

@@ -1,25 +1,33 @@
-"""Fixtures for the controller tests: a private podman API service, the demo image, unique names.
+"""The controller side of the tests: a private podman, real sessiond + controller processes (``Stack``).
 
 Everything runs against real podman (runc, CONTAINERS_CONF=etc/containers.conf). Each test gets its
-own cloudlet name ``cltest-<random>``, so its containers and network are its own; the finalizer
-removes them whatever the test did.
+own cloudlet name ``cltest-<random>`` (fixture ``cloudlet_name`` in tests/conftest.py), so its
+containers and network are its own; the finalizer removes them whatever the test did.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json as _json
 import os
+import random
+import re
 import secrets
-import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import pytest
+import aiohttp
+import yarl
+from cloudlet.client import attach
 
 REPO = Path(__file__).resolve().parents[2]
+LONG_INTERVAL = 60.0  # a reconcile interval no test waits for: only events can repair in time
 CONTAINERS_CONF = str(REPO / "etc" / "containers.conf")
 os.environ.setdefault("CONTAINERS_CONF", CONTAINERS_CONF)
 
@@ -34,7 +42,7 @@ def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["podman", *args], capture_output=True, text=True, env=podman_env(), check=check)
 
 
-def _wait_unix_http(path: str, timeout: float = 30.0) -> None:
+def wait_unix_http(path: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if os.path.exists(path):
@@ -51,50 +59,11 @@ def _wait_unix_http(path: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"podman system service did not answer on {path} within {timeout} s")
 
 
-@pytest.fixture(scope="session")
-def podman_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed (make deps installs it)")
-    path = str(tmp_path_factory.mktemp("podman") / "podman.sock")
-    log = open(Path(path).with_suffix(".log"), "wb")
-    proc = subprocess.Popen(
-        ["podman", "system", "service", "--time=0", f"unix://{path}"],
-        env=podman_env(), stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_unix_http(path)
-        yield path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture(scope="session")
-def demo_image() -> str:
-    from cloudlet.images import build_demo
-
-    return build_demo(log=lambda msg: None).image
-
-
-def _cleanup_cloudlet(name: str) -> None:
+def cleanup_cloudlet(name: str) -> None:
     ids = podman("ps", "-aq", "--filter", f"label=cloudlet.cloudlet={name}", check=False).stdout.split()
     if ids:
         podman("rm", "-f", "-t", "0", *ids, check=False)
     podman("network", "rm", "-f", f"cloudlet-{name}", check=False)
-
-
-@pytest.fixture
-def cloudlet_name() -> Iterator[str]:
-    name = f"cltest-{secrets.token_hex(4)}"
-    try:
-        yield name
-    finally:
-        _cleanup_cloudlet(name)
 
 
 def containers_of(cloudlet: str) -> list[str]:
@@ -115,17 +84,9 @@ async def read_line(reader: asyncio.StreamReader, timeout: float = 10.0) -> str:
 
 # -- a real sessiond + controller pair, as subprocesses --------------------------------------------
 
-import json as _json
-import random
-import signal
-import sys
-from dataclasses import dataclass, field
-
-import aiohttp
-import yarl
 
 
-async def _poll(check, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+async def poll(check, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
     """Await ``check()`` until it returns a truthy value (state changes we cannot subscribe to)."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -202,7 +163,7 @@ class Stack:
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
-        await _poll(self._sessiond_up, 30, "sessiond control socket")
+        await poll(self._sessiond_up, 30, "sessiond control socket")
 
     async def _sessiond_up(self) -> bool:
         assert self.sessiond_proc is not None
@@ -236,7 +197,7 @@ class Stack:
                         return str(rec["address"])
             return None
 
-        address = await _poll(listening, 30, "controller to listen")
+        address = await poll(listening, 30, "controller to listen")
         self.controller_url = f"http://{address}"
 
     def _stop(self, proc: subprocess.Popen[bytes] | None, sig: int) -> None:
@@ -296,15 +257,34 @@ class Stack:
         return {s["name"]: s for s in body["services"]}  # type: ignore[index]
 
 
-@pytest.fixture
-async def stack(tmp_path: Path, podman_socket: str, demo_image: str, cloudlet_name: str):  # type: ignore[no-untyped-def]
-    s = Stack(tmp_path, cloudlet_name, podman_socket)
-    try:
-        await s.start_sessiond()
-        await s.start_controller()
-        yield s
-    finally:
-        await s.close()
 
 
-poll = _poll
+def demo_body(image: str, **extra: object) -> dict[str, object]:
+    return {"image": image, "port": 7000, "env": {"PORT": "7000"}, "limits": {"cpus": 0.5, "memory_mb": 64}, **extra}
+
+
+async def open_session(stack: Stack, name: str) -> tuple[Any, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A session on service ``name`` through the controller, attached and past the demo's greeting."""
+    status, sess = await stack.api("POST", f"/v1/services/{name}/sessions")
+    assert status == 201, sess
+    assert isinstance(sess, dict)
+    reader, writer, _ = await attach(sess["host"], sess["port"], sess["session"])
+    assert (await read_line(reader)).startswith("HELLO cloudlet-demo")
+    return sess, reader, writer
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Value of one sample in Prometheus text (0 if absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" ([0-9.e+-]+)$"
+    for line in text.splitlines():
+        m = re.match(pattern, line)
+        if m:
+            return float(m.group(1))
+    return 0.0
+
+
+async def metrics_text(stack: Stack) -> str:
+    status, text = await stack.api("GET", "/metrics", token=None)
+    assert status == 200
+    return str(text)

@@ -1,7 +1,7 @@
 """`cloudlet bench tunnel`: SSH tunnel throughput and latency against OpenSSH, side by side.
 
 One run starts its own sshd (private config, host key, restricted tunnel key, free loopback port;
-see ``cloudlet.tunnel_sshd``), a sink process that counts bytes, and measures:
+see ``cloudlet_bench.harness.sshd``), a sink process that counts bytes, and measures:
 
 - ``openssh_gbps``: a source process sends N MB into OpenSSH ``ssh -N -L`` (compression off, the same
   cipher) -> sshd -> sink, until the sink acknowledges every byte (``down_*``: the sink sends N MB
@@ -251,7 +251,7 @@ class _Forwarder:
 
 
 def _openssh(sshd: Any, cipher: str, sink_port: int) -> tuple[subprocess.Popen[bytes], int]:
-    from cloudlet.tunnel_sshd import free_port
+    from cloudlet_bench.harness.sshd import free_port
 
     local = free_port()
     argv = ["ssh", "-N", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "Compression=no", "-o", f"Ciphers={cipher}",
@@ -270,10 +270,11 @@ def _openssh(sshd: Any, cipher: str, sink_port: int) -> tuple[subprocess.Popen[b
 
 async def _connector(sshd: Any, cipher: str, fast_path: bool = True) -> Any:
     from cloudlet.tunnel.connector import SshPeerConnector
+    from cloudlet_bench.harness.sshd import wait_tunnels_up
 
     c = SshPeerConnector.from_config({"bench": sshd.peer_table("bench", ciphers=[cipher], fast_path=fast_path)})
     await c.start()
-    if not await c.wait_up(15):
+    if not await wait_tunnels_up(c, 15):
         status = c.status()[0]
         await c.close()
         raise RuntimeError(f"tunnel did not come up: {status['last_error']}")
@@ -358,7 +359,7 @@ def _p(values: list[float], q: float) -> float:
 
 async def run_bench(megabytes: int, rounds: int, cipher: str, compare_ciphers: bool, opens: int, colds: int,
                     progress: Any) -> dict[str, Any]:
-    from cloudlet.tunnel_sshd import TunnelSshd
+    from cloudlet_bench.harness.sshd import TunnelSshd
 
     nbytes = megabytes * 1024 * 1024
     sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
@@ -436,7 +437,8 @@ async def run_bench(megabytes: int, rounds: int, cipher: str, compare_ciphers: b
 
 def main(args: argparse.Namespace) -> int:
     from cloudlet.common.loop import use_fast_loop
-    from cloudlet.tunnel_sshd import sshd_argv_available
+
+    from cloudlet_bench.harness.sshd import sshd_argv_available
 
     reasons = sshd_argv_available()
     if reasons:

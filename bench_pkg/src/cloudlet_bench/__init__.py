@@ -9,13 +9,15 @@ import argparse
 import importlib
 from typing import Any
 
+__version__ = "0.2.0"  # the same as cloudlet.__version__ (tests/test_cli.py checks)
+
 BENCHMARKS: tuple[str, ...] = (
-    "cloudlet.bench.proxy",
-    "cloudlet.bench.handover",
-    "cloudlet.bench.launch",
-    "cloudlet.bench.tunnel",
-    "cloudlet.bench.migrate",
-    "cloudlet.controller.repair_bench",
+    "cloudlet_bench.proxy",
+    "cloudlet_bench.handover",
+    "cloudlet_bench.launch",
+    "cloudlet_bench.tunnel",
+    "cloudlet_bench.migrate",
+    "cloudlet_bench.repair",
 )
 
 

@@ -1,6 +1,6 @@
 """Repair time after a container dies: the event path against the periodic reconcile.
 
-``python -m cloudlet.controller.repair_bench`` (module ``register`` also offers it as a ``cloudlet
+``python -m cloudlet_bench.repair`` (module ``register`` also offers it as a ``cloudlet
 bench`` subcommand). For each path it starts its own sessiond and controller (a cloudlet
 ``clbench-<random>``; the podman API service too, unless ``--podman-socket`` is given), launches the
 demo service, then ``--runs`` times: ``podman kill`` its container and measure, from just before
@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
-from cloudlet.bench.launch import BenchCloudlet
 from cloudlet.images import podman_env
+
+from cloudlet_bench.launch import BenchCloudlet
 
 API = "http://podman/v4.0.0/libpod"
 POLL_SECONDS = 0.01
@@ -259,13 +259,13 @@ DESCRIPTION = (
 
 
 def register(subparsers: Any) -> None:
-    """Add ``repair`` to ``cloudlet bench`` (for ``cloudlet.bench.BENCHMARKS``)."""
+    """Add ``repair`` to ``cloudlet bench`` (for ``cloudlet_bench.BENCHMARKS``)."""
     add_arguments(subparsers.add_parser("repair", help="repair time after a container dies: events vs periodic",
                                         description=DESCRIPTION))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cloudlet.controller.repair_bench", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="python -m cloudlet_bench.repair", description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
     return int(args.func(args))

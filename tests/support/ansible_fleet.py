@@ -1,7 +1,7 @@
 """Helpers for the cloudlet.fleet integration tests: real cloudlets and a real ansible-playbook.
 
 A cloudlet here is a real ``cloudlet sessiond`` + ``cloudlet controller`` pair with the podman
-runtime, started by the controller tests' ``Stack`` (tests/controller/conftest.py), on a private
+runtime, started by the controller tests' ``Stack`` (tests/support/controller.py), on a private
 podman API socket, with the demo image built by ``cloudlet image build-demo``. Every cloudlet gets a
 unique ``cltest-<random>`` name; the finalizers stop the daemons and remove its containers and
 network whatever the test did.
@@ -19,20 +19,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from support.controller import Stack, cleanup_cloudlet, containers_of, podman
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
 
-# Reuse the controller tests' real podman service, demo image and sessiond+controller processes.
-from controller.conftest import (  # noqa: E402
-    Stack,
-    _cleanup_cloudlet,
-    containers_of,
-    demo_image,
-    podman,
-    podman_socket,
-)
-
-__all__ = ["Stack", "containers_of", "demo_image", "podman", "podman_socket"]
+__all__ = ["Stack", "containers_of", "podman"]
 
 BIN = Path(sys.executable).parent
 PLAYBOOK = REPO / "playbooks" / "example_launch.yml"
@@ -171,4 +162,4 @@ async def start_fleet(tmp_path: Path, podman_socket: str, count: int) -> AsyncIt
         for stack in stacks:
             await stack.close()
         for name in names:
-            _cleanup_cloudlet(name)
+            cleanup_cloudlet(name)

@@ -23,9 +23,10 @@ import threading
 import time
 from typing import Any
 
-from cloudlet.bench._sessiond import Fleet, rss_kib
 from cloudlet.common.loop import raise_nofile_limit
 from cloudlet.protocol.wire import REPLY_FIXED, Mode, Op, encode_header, parse_reply
+
+from cloudlet_bench.harness.sessiond import Fleet, rss_kib
 
 CHUNK = 1 << 20
 

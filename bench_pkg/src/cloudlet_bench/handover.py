@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudlet.bench._sessiond import Fleet
 from cloudlet.client import SessionClient
+
+from cloudlet_bench.harness.sessiond import Fleet
 
 RECORD = struct.Struct("!IId")
 MAGIC = 0xC10D1E70
@@ -186,7 +187,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         a = await fleet.start("a", loop=args.loop)
         peer: str | dict[str, Any] = a.peer_listen
         if args.hop == "ssh":  # b and c reach a's peer endpoint through a real sshd, as in a fleet
-            from cloudlet.tunnel_sshd import TunnelSshd, sshd_argv_available
+            from cloudlet_bench.harness.sshd import TunnelSshd, sshd_argv_available
 
             missing = sshd_argv_available()
             if missing:

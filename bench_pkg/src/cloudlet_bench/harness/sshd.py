@@ -13,6 +13,7 @@ temporary directory (the directory is not on a root-owned path), ``UsePAM no``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
@@ -24,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SSHD = "/usr/sbin/sshd"
 NOLOGIN = "/usr/sbin/nologin"
@@ -276,3 +278,16 @@ def sshd_argv_available() -> Sequence[str]:
     if os.geteuid() != 0:
         reasons.append("sshd with its own tunnel account needs root")
     return reasons
+
+
+async def wait_tunnels_up(connector: Any, timeout: float = 15.0, peers: list[str] | None = None) -> bool:
+    """Poll ``connector.status()`` until the named (default: all) tunnels are ``up``; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {p["name"]: p["state"] for p in connector.status()}
+        names = peers or list(states)
+        if names and all(states.get(n) == "up" for n in names):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
 from cloudlet.images import podman_env
 
 TARGET_RATIO = 1.3

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudlet.bench._sessiond import Fleet
 from cloudlet.client import SessionClient
 from cloudlet.images import podman_env
+
+from cloudlet_bench.harness.sessiond import Fleet
 
 DEMO_IMAGE = "localhost/cloudlet-demo:latest"
 DEMO_PORT = 7000
