@@ -8,7 +8,9 @@ hands its bytes to a session (anchor) or to a :class:`~cloudlet.relay.forward.Fo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import socket
 from typing import Any
 
 from cloudlet.common.logs import event
@@ -21,19 +23,27 @@ from cloudlet.protocol.wire import (
     encode_reply,
     read_reply,
 )
-from cloudlet.relay.forward import Forward, channel_closed, close_writer
+from cloudlet.relay.core import Refused
+from cloudlet.relay.flow import DISPATCH, WRITE_HIGH, ReadGate
+from cloudlet.relay.forward import Forward, close_writer
 from cloudlet.relay.hop import PeerError
-from cloudlet.relay.manager import ServiceEntry, SessionManager
-from cloudlet.relay.session import WRITE_HIGH, Refused, Session
+from cloudlet.relay.interfaces import ClientSink, ServiceEntry
+from cloudlet.relay.manager import SessionManager
 
 log = logging.getLogger(__name__)
 
+_AIDS = itertools.count(1)
+
 
 class ServerConnection(asyncio.Protocol):
-    """One accepted connection; ``service`` is None on the peer endpoint."""
+    """One accepted connection; ``service`` is None on the peer endpoint.
 
-    __slots__ = ("manager", "service", "transport", "parser", "timer", "session", "forward", "lost", "task",
-                 "up_start", "up_skip")
+    Until its header is handled it belongs to nobody; then it is bound to a session or a forward
+    (its :class:`~cloudlet.relay.interfaces.ClientSink`) and passes every event to it. It is the
+    :class:`~cloudlet.relay.interfaces.ClientSide` those see.
+    """
+
+    __slots__ = ("manager", "service", "transport", "parser", "timer", "sink", "lost", "task", "aid", "gate")
 
     def __init__(self, manager: SessionManager, service: ServiceEntry | None) -> None:
         self.manager = manager
@@ -41,35 +51,23 @@ class ServerConnection(asyncio.Protocol):
         self.transport: Any = None
         self.parser: HeaderParser | None = HeaderParser()
         self.timer: asyncio.TimerHandle | None = None
-        self.session: Session | None = None
-        self.forward: Forward | None = None
+        self.sink: ClientSink | None = None
         self.lost = False
         self.task: asyncio.Task[None] | None = None
-        self.up_start = 0  # mode 2: the session's bytes_up when this connection attached (told to the client)
-        self.up_skip = 0  # mode 2: first bytes of this connection that a drained one already delivered
+        self.aid = next(_AIDS)
+        self.gate: ReadGate = None  # type: ignore[assignment]  # set in connection_made
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.gate = ReadGate(transport)  # type: ignore[arg-type]
         transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
         self.timer = self.manager.loop.call_later(self.manager.header_timeout, self._header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        s = self.session
-        if s is not None:  # the hot path
-            if self.up_skip:
-                if len(data) <= self.up_skip:
-                    self.up_skip -= len(data)
-                    return
-                data, self.up_skip = data[self.up_skip :], 0
-            s.upstream.transport.write(data)  # type: ignore[union-attr]
-            s.bytes_up += len(data)
-            if s.bytes_up > s.splice_up:
-                s.try_splice()
-            return
-        f = self.forward
-        if f is not None:
-            f.client_data(data)
+        sink = self.sink
+        if sink is not None:  # the hot path
+            sink.client_data(self, data)
             return
         parser = self.parser
         if parser is None:
@@ -83,15 +81,13 @@ class ServerConnection(asyncio.Protocol):
             return
         self.parser = None
         self._cancel_timer()
-        self.transport.pause_reading()
+        self.gate.pause(DISPATCH)
         header, rest = result
         self.task = self.manager.loop.create_task(self._dispatch(header, rest))
 
     def eof_received(self) -> bool:
-        if self.session is not None:
-            self.session.client_gone(self, fin=True)
-        elif self.forward is not None:
-            self.forward.client_eof()
+        if self.sink is not None:
+            self.sink.client_fin(self)
         elif self.parser is not None:
             if self.parser.empty:  # a port probe (health check, wait_for): not an error
                 self.parser = None
@@ -104,22 +100,45 @@ class ServerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._cancel_timer()
-        if self.session is not None:
-            self.session.client_gone(self, fin=False)
-        elif self.forward is not None:
-            self.forward.close()
+        if self.sink is not None:
+            self.sink.client_lost(self)
 
     def pause_writing(self) -> None:
-        if self.session is not None:
-            self.session.client_write_pressure(self, True)
-        elif self.forward is not None:
-            self.forward.writable.clear()
+        if self.sink is not None:
+            self.sink.client_write_paused(self, True)
 
     def resume_writing(self) -> None:
-        if self.session is not None:
-            self.session.client_write_pressure(self, False)
-        elif self.forward is not None:
-            self.forward.writable.set()
+        if self.sink is not None:
+            self.sink.client_write_paused(self, False)
+
+    # -- ClientSide ----------------------------------------------------------------------------
+    def bind(self, sink: ClientSink | None) -> None:
+        self.sink = sink
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def write_eof(self) -> None:
+        t = self.transport
+        if not t.is_closing() and t.can_write_eof():
+            t.write_eof()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def is_closing(self) -> bool:
+        return bool(self.transport.is_closing())
+
+    def write_buffer_size(self) -> int:
+        return int(self.transport.get_write_buffer_size())
+
+    def socket(self) -> socket.socket | None:
+        """The socket (uvloop gives a socket-like object with ``fileno()``), for the splice relay."""
+        sock = self.transport.get_extra_info("socket")
+        return sock if hasattr(sock, "fileno") else None
 
     # -- header handling ---------------------------------------------------------------------
     def _cancel_timer(self) -> None:
@@ -176,6 +195,7 @@ class ServerConnection(asyncio.Protocol):
                 return
             await m.attach(self, cred, service, rest, via_peer, header.after_fin,
                            header.down_received if header.mode == Mode.RESUMABLE else None)
+            self.gate.resume(DISPATCH)
             if via_peer:
                 m.metrics.handovers.labels("in").inc()
         except Refused as exc:
@@ -198,31 +218,36 @@ class ServerConnection(asyncio.Protocol):
                 reply = await read_reply(reader)
         except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as exc:
             close_writer(writer)
-            channel_closed(m, header.target)
+            _channel_closed(m, header.target)
             raise Refused(Status.PEER_UNAVAILABLE, f"peer {header.target!r} gave no reply: {exc or type(exc).__name__}") from None
         except Exception as exc:  # tunnel errors (asyncssh.Error, ...)
             close_writer(writer)
-            channel_closed(m, header.target)
+            _channel_closed(m, header.target)
             raise Refused(Status.PEER_UNAVAILABLE, f"peer {header.target!r} failed: {exc or type(exc).__name__}") from None
         if self.lost:
             close_writer(writer)
-            channel_closed(m, header.target)
+            _channel_closed(m, header.target)
             return
         self.transport.write(reply.encode())
         if not reply.ok or header.op == Op.END:
             close_writer(writer)
-            channel_closed(m, header.target)
+            _channel_closed(m, header.target)
             self.transport.close()
             event(log, logging.INFO, "forwarded request answered", session=sid, peer=header.target,
                   code=reply.status.name, op=header.op.name)
             return
-        fwd = Forward(m, self, reader, writer, sid, service, header.target)
-        self.forward = fwd
+        fwd = Forward(self, reader, writer, sid, service, header.target, m.loop, m.forward_closed)
+        self.bind(fwd)
         m.forwards.add(fwd)
         m.metrics.handovers.labels("out").inc()
         event(log, logging.INFO, "session forwarded", session=sid, service=service.name, peer=header.target)
         if rest:
-            fwd.client_data(rest)
+            fwd.client_data(self, rest)
         fwd.start()
-        if not fwd.draining:
-            self.transport.resume_reading()
+        self.gate.resume(DISPATCH)
+
+
+def _channel_closed(m: SessionManager, peer: str) -> None:
+    hook = getattr(m.connector, "channel_closed", None)
+    if hook is not None:
+        hook(peer)

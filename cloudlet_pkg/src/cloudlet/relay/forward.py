@@ -9,18 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from cloudlet.common.logs import event
-from cloudlet.relay.session import WRITE_HIGH
-
-if TYPE_CHECKING:
-    from cloudlet.relay.connection import ServerConnection
-    from cloudlet.relay.manager import ServiceEntry, SessionManager
-
+from cloudlet.relay.flow import PEER, WRITE_HIGH, write_buffer_size
+from cloudlet.relay.interfaces import ClientSide, ServiceEntry
 
 log = logging.getLogger(__name__)
-
 
 PEER_READ_SIZE = 256 * 1024
 
@@ -32,66 +28,47 @@ def close_writer(writer: Any) -> None:
         pass
 
 
-def channel_closed(m: SessionManager, peer: str) -> None:
-    hook = getattr(m.connector, "channel_closed", None)
-    if hook is not None:
-        hook(peer)
-
-
-def _write_buffer_size(writer: Any) -> int:
-    transport = getattr(writer, "transport", None)
-    if transport is not None and hasattr(transport, "get_write_buffer_size"):
-        return int(transport.get_write_buffer_size())
-    channel = getattr(writer, "channel", None)
-    if channel is not None and hasattr(channel, "get_write_buffer_size"):
-        return int(channel.get_write_buffer_size())
-    return WRITE_HIGH + 1  # unknown: always wait for drain()
-
-
 class Forward:
-    """A forwarded connection: client <-> peer channel, passing half-closes; no session state."""
+    """A forwarded connection: client <-> peer channel, passing half-closes; no session state.
 
-    __slots__ = ("manager", "conn", "reader", "writer", "id", "service", "peer", "since", "bytes_up",
-                 "bytes_down", "counted_up", "counted_down", "task", "up_eof", "down_eof", "writable",
-                 "draining", "closed")
+    It is the :class:`~cloudlet.relay.interfaces.ClientSink` of its client connection; ``on_close``
+    is called once when it ends (the manager forgets it and releases the channel).
+    """
 
-    def __init__(self, manager: SessionManager, conn: ServerConnection, reader: Any, writer: Any, sid: str,
-                 service: ServiceEntry, peer: str) -> None:
-        self.manager = manager
+    __slots__ = ("conn", "reader", "writer", "id", "service", "peer", "since", "bytes_up", "bytes_down",
+                 "counted_up", "counted_down", "task", "drain_task", "up_eof", "down_eof", "writable", "closed",
+                 "loop", "on_close")
+
+    def __init__(self, conn: ClientSide, reader: Any, writer: Any, sid: str, service: ServiceEntry, peer: str,
+                 loop: asyncio.AbstractEventLoop, on_close: Callable[[Forward], None]) -> None:
         self.conn = conn
         self.reader = reader
         self.writer = writer
         self.id = sid
         self.service = service
         self.peer = peer
+        self.loop = loop
+        self.on_close = on_close
         self.since = time.time()
         self.bytes_up = self.bytes_down = self.counted_up = self.counted_down = 0
         self.task: asyncio.Task[None] | None = None
-        self.up_eof = self.down_eof = self.draining = self.closed = False
-        self.writable = asyncio.Event()
+        self.drain_task: asyncio.Task[None] | None = None
+        self.up_eof = self.down_eof = self.closed = False
+        self.writable = asyncio.Event()  # the client connection can take more
         self.writable.set()
 
     def start(self) -> None:
-        self.task = self.manager.loop.create_task(self._pump())
+        self.task = self.loop.create_task(self._pump())
 
-    def client_data(self, data: bytes) -> None:
+    # -- ClientSink ----------------------------------------------------------------------------
+    def client_data(self, conn: ClientSide, data: bytes) -> None:
         self.bytes_up += len(data)
         self.writer.write(data)
-        if not self.draining and _write_buffer_size(self.writer) > WRITE_HIGH:
-            self.draining = True
-            self.conn.transport.pause_reading()
-            self.manager.loop.create_task(self._drain())
+        if self.drain_task is None and write_buffer_size(self.writer) > WRITE_HIGH:
+            conn.gate.pause(PEER)
+            self.drain_task = self.loop.create_task(self._drain())
 
-    async def _drain(self) -> None:
-        try:
-            await self.writer.drain()
-        except Exception:  # the pump sees the broken channel and closes
-            pass
-        self.draining = False
-        if not self.closed and not self.conn.transport.is_closing():
-            self.conn.transport.resume_reading()
-
-    def client_eof(self) -> None:
+    def client_fin(self, conn: ClientSide) -> None:
         self.up_eof = True
         try:
             self.writer.write_eof()
@@ -101,43 +78,61 @@ class Forward:
         if self.down_eof:
             self.close()
 
+    def client_lost(self, conn: ClientSide) -> None:
+        self.close()
+
+    def client_write_paused(self, conn: ClientSide, paused: bool) -> None:
+        if paused:
+            self.writable.clear()
+        else:
+            self.writable.set()
+
+    # -- the channel side ----------------------------------------------------------------------
+    async def _drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except Exception:  # the pump sees the broken channel and closes
+            pass
+        self.drain_task = None
+        if not self.closed:
+            self.conn.gate.resume(PEER)
+
     async def _pump(self) -> None:
-        conn_t = self.conn.transport
+        conn = self.conn
         try:
             while True:
                 data = await self.reader.read(PEER_READ_SIZE)
                 if not data:
                     break
                 self.bytes_down += len(data)
-                conn_t.write(data)
+                conn.write(data)
                 if not self.writable.is_set():
                     await self.writable.wait()
             self.down_eof = True
-            if not conn_t.is_closing():
-                conn_t.write_eof()
+            if not conn.is_closing():
+                conn.write_eof()
             if self.up_eof:
                 self.close()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the peer channel broke: make the client see it
             event(log, logging.INFO, "peer channel broke", session=self.id, peer=self.peer, error=str(exc) or type(exc).__name__)
-            conn_t.abort()
+            conn.abort()
             self.close()
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.conn.forward = None
-        if not self.conn.transport.is_closing():
-            self.conn.transport.close()
+        self.conn.bind(None)
+        if not self.conn.is_closing():
+            self.conn.close()
         close_writer(self.writer)
-        channel_closed(self.manager, self.peer)
-        if self.task is not None and self.task is not asyncio.current_task():
-            self.task.cancel()
+        for task in (self.task, self.drain_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         self.writable.set()
-        self.manager.forwards.discard(self)
-        self.manager.count_bytes(self)
+        self.on_close(self)
         event(log, logging.INFO, "forward closed", session=self.id, peer=self.peer,
               bytes_up=self.bytes_up, bytes_down=self.bytes_down)
 

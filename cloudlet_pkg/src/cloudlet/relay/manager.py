@@ -6,41 +6,33 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cloudlet.common.logs import event
 from cloudlet.protocol import credentials
-from cloudlet.protocol.replay import ReplayRing
 from cloudlet.protocol.wire import Status
+from cloudlet.relay.core import ATTACHED, CONNECTING, DETACHED, ENDED, Refused, SessionCore
+from cloudlet.relay.interfaces import ClientSide, ServiceEntry
 from cloudlet.relay.metrics import SessiondMetrics
-from cloudlet.relay.session import ATTACHED, CONNECTING, DETACHED, ENDED, Refused, Session, UpstreamProtocol
+from cloudlet.relay.session import Session, UpstreamProtocol
 from cloudlet.relay.splice import AVAILABLE as SPLICE_AVAILABLE
-
-if TYPE_CHECKING:
-    from cloudlet.relay.connection import ServerConnection
-
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True, eq=False)
-class ServiceEntry:
-    """A service this sessiond listens for: its own port, relayed to ``backend``."""
+class Forwarded(Protocol):
+    """A forwarded connection, as the table sees it (``cloudlet.relay.forward.Forward``)."""
 
-    name: str
-    port: int
-    listen: str
-    backend: str
-    server: Any = None  # asyncio.Server
+    id: str
+    service: ServiceEntry
+    bytes_up: int
+    bytes_down: int
+    counted_up: int
+    counted_down: int
 
-    @property
-    def backend_hostport(self) -> tuple[str, int]:
-        host, _, port = self.backend.rpartition(":")
-        return host.strip("[]"), int(port)
+    def close(self) -> None: ...
 
-    def to_json(self, sessions: int) -> dict[str, Any]:
-        return {"name": self.name, "port": self.port, "listen": self.listen, "backend": self.backend, "sessions": sessions}
+    def to_json(self) -> dict[str, Any]: ...
 
 
 class Tombstones:
@@ -100,7 +92,7 @@ class SessionManager:
         self.loop = asyncio.get_running_loop()
         self.services: dict[str, ServiceEntry] = {}
         self.sessions: dict[str, Session] = {}
-        self.forwards: set[Any] = set()
+        self.forwards: set[Forwarded] = set()
         self.tombstones = Tombstones(max(10_000, max_sessions))
 
     # -- credentials -------------------------------------------------------------------------
@@ -117,7 +109,7 @@ class SessionManager:
         return len(self.sessions) + len(self.forwards)
 
     # -- attach ------------------------------------------------------------------------------
-    async def attach(self, conn: "ServerConnection", cred: credentials.Credential, service: ServiceEntry,
+    async def attach(self, conn: ClientSide, cred: credentials.Credential, service: ServiceEntry,
                      rest: bytes, via_peer: bool, after_fin: bool = False, down_received: int | None = None) -> None:
         """``down_received`` is None for mode 0 (raw), the client's count of backend bytes for mode 2."""
         if down_received is not None and rest:
@@ -133,9 +125,10 @@ class SessionManager:
                 raise Refused(Status.EXPIRED, "session credential expired")
             if self.live_count() >= self.max_sessions:
                 raise Refused(Status.TOO_MANY_SESSIONS, f"this cloudlet already holds {self.max_sessions} sessions")
-            s = Session(cred.nonce, service, self, cred.issued)
-            if down_received is not None:
-                s.ring = ReplayRing(self.replay_bytes)
+            core = SessionCore(cred.nonce, service.name, cred.issued, resumable=down_received is not None,
+                               grace_seconds=self.grace_seconds, drain_seconds=self.header_timeout,
+                               buffer_bytes=self.buffer_bytes, replay_bytes=self.replay_bytes)
+            s = Session(core, service, self)
             s.ready = self.loop.create_future()
             self.sessions[cred.nonce] = s
             host, port = service.backend_hostport
@@ -145,7 +138,7 @@ class SessionManager:
             except (OSError, asyncio.TimeoutError) as exc:
                 if self.sessions.get(cred.nonce) is s:
                     del self.sessions[cred.nonce]
-                s.state = ENDED
+                s.core.backend_unavailable()
                 if not s.ready.done():
                     s.ready.set_exception(ConnectionError("backend unavailable"))
                     s.ready.exception()
@@ -168,8 +161,8 @@ class SessionManager:
         if s.service is not service:
             raise Refused(Status.WRONG_SERVICE, "session belongs to another instance of this service")
         s.attach(conn, rest, via_peer, after_fin, down_received)
-        if conn.lost:
-            s.client_gone(conn, fin=False)
+        if conn.lost:  # it went away while the backend connection was being made
+            s.client_lost(conn)
 
     # -- ending ------------------------------------------------------------------------------
     def end_credential(self, cred: credentials.Credential, reason: str) -> bool:
@@ -190,11 +183,19 @@ class SessionManager:
     def session_ended(self, s: Session, reason: str) -> None:
         if self.sessions.get(s.id) is s:
             del self.sessions[s.id]
-        self.tombstones.add(s.id, s.issued + self.credential_lifetime)
+        self.tombstones.add(s.id, s.core.issued + self.credential_lifetime)
         self.metrics.sessions_ended.labels(reason).inc()
         self.count_bytes(s)
         event(log, logging.INFO, "session ended", session=s.id, service=s.service.name, reason=reason,
               bytes_up=s.bytes_up, bytes_down=s.bytes_down)
+
+    def forward_closed(self, f: Forwarded) -> None:
+        """A forward ended (called by the forward itself)."""
+        self.forwards.discard(f)
+        self.count_bytes(f)
+        hook = getattr(self.connector, "channel_closed", None)
+        if hook is not None:
+            hook(getattr(f, "peer", ""))
 
     def end_service(self, entry: ServiceEntry) -> None:
         for s in [s for s in self.sessions.values() if s.service is entry]:

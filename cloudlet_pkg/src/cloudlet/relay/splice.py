@@ -13,12 +13,11 @@ exactly-once delivery hold), the duplicates are closed, and the session's Protoc
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from cloudlet.relay.session import Session
+import socket
+from collections.abc import Callable
 
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 F_SETPIPE_SZ = 1031
@@ -82,10 +81,7 @@ class _Direction:
             if m <= 0:
                 break
             self.pending -= m
-            if self.up:
-                relay.session.bytes_up += m
-            else:
-                relay.session.bytes_down += m
+            relay.on_moved(self.up, m)
         loop = relay.loop
         if self.pending:
             if self.reading:
@@ -127,70 +123,60 @@ class _Direction:
 
 
 class SpliceRelay:
-    """Both directions of one attached session, in splice mode."""
+    """Both directions of one attached session, in splice mode.
 
-    __slots__ = ("session", "loop", "cfd", "ufd", "up", "down", "active")
+    It reports to its owner through callbacks only: ``on_moved(up, n)`` after bytes reached the other
+    socket, ``on_eof(up)`` when a side half-closed, ``on_fail(client_side)`` when a socket failed.
+    Before handling either of the last two, the owner calls :meth:`leave`.
+    """
 
-    def __init__(self, session: "Session", client_sock: Any, upstream_sock: Any) -> None:
-        self.session = session
-        self.loop = session.manager.loop
+    __slots__ = ("loop", "cfd", "ufd", "up", "down", "active", "on_moved", "on_eof", "on_fail")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client_sock: socket.socket, upstream_sock: socket.socket,
+                 on_moved: Callable[[bool, int], None], on_eof: Callable[[bool], None],
+                 on_fail: Callable[[bool], None]) -> None:
+        self.loop = loop
+        self.on_moved = on_moved
+        self.on_eof = on_eof
+        self.on_fail = on_fail
         self.cfd = os.dup(client_sock.fileno())
-        self.ufd = os.dup(upstream_sock.fileno())
-        self.up = _Direction(self, self.cfd, self.ufd, True)
-        self.down = _Direction(self, self.ufd, self.cfd, False)
+        try:
+            self.ufd = os.dup(upstream_sock.fileno())
+        except OSError:
+            os.close(self.cfd)
+            raise
+        try:
+            self.up = _Direction(self, self.cfd, self.ufd, True)
+            try:
+                self.down = _Direction(self, self.ufd, self.cfd, False)
+            except OSError:
+                self.up.stop()
+                raise
+        except OSError:
+            os.close(self.cfd)
+            os.close(self.ufd)
+            raise
         self.active = True
 
     def start(self) -> None:
         self.up.start()
         self.down.start()
 
-    def leave(self) -> None:
-        """Back to the Protocol path: pipe contents go to the transports, in order."""
+    def leave(self) -> tuple[bytes, bytes]:
+        """Stop; return what is still in the pipes ``(to_upstream, to_client)``, in order, for the transports."""
         if not self.active:
-            return
+            return b"", b""
         self.active = False
-        s = self.session
         to_upstream = self.up.stop()
         to_client = self.down.stop()
         os.close(self.cfd)
         os.close(self.ufd)
-        s.splice = None
-        up_t = s.upstream.transport if s.upstream is not None else None
-        if up_t is not None and not up_t.is_closing():
-            up_t.resume_reading()
-            s.upstream_paused = False
-            if to_upstream:
-                s.bytes_up += len(to_upstream)
-                up_t.write(to_upstream)
-        if to_client:
-            if s.client is not None and not s.client.transport.is_closing():
-                s.bytes_down += len(to_client)
-                s.client.transport.write(to_client)
-            else:
-                s.hold(to_client)
-        if (s.client is not None and not s.client.transport.is_closing() and not s.upstream_write_paused
-                and s.draining is None):
-            s.client.transport.resume_reading()
+        return to_upstream, to_client
 
     def eof(self, direction: _Direction) -> None:
-        s = self.session
-        client = s.client
-        self.leave()
-        if direction.up:  # the client half-closed: detach
-            if client is not None:
-                s.client_gone(client, fin=True)
-        else:  # the backend closed
-            s.backend_closed()
+        self.on_eof(direction.up)
 
     def fail(self, exc: OSError, src_of: _Direction | None = None, dst_of: _Direction | None = None) -> None:
         d = src_of or dst_of
         assert d is not None
-        client_side = (src_of is not None and d.up) or (dst_of is not None and not d.up)
-        s = self.session
-        client = s.client
-        self.leave()
-        if client_side:
-            if client is not None:
-                client.transport.abort()  # connection_lost -> detach without FIN
-        else:
-            s.backend_closed()
+        self.on_fail((src_of is not None and d.up) or (dst_of is not None and not d.up))

@@ -22,7 +22,8 @@ from cloudlet.common.logs import event
 from cloudlet.common.names import NAME_RULE, is_name
 from cloudlet.protocol import credentials
 from cloudlet.relay.connection import ServerConnection
-from cloudlet.relay.manager import ServiceEntry, SessionManager
+from cloudlet.relay.interfaces import ServiceEntry
+from cloudlet.relay.manager import SessionManager
 from cloudlet.relay.metrics import SessiondMetrics
 from cloudlet.sessiond.config import SessiondConfig
 from cloudlet.sessiond.peers import make_connector
