@@ -34,25 +34,43 @@ def test_defaults_and_full_config(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("data", "needle"),
     [
-        ({}, "controller.cloudlet is required"),
-        ({"controller": {"cloudlet": "A"}}, "controller.cloudlet"),
-        ({"controller": {"cloudlet": "a", "lisen": "x"}}, "unknown key(s) in [controller]: lisen"),
-        ({"controller": {"cloudlet": "a"}, "extra": {}}, "unknown section(s): extra"),
-        ({"controller": {"cloudlet": "a", "runtime": "docker"}}, "controller.runtime"),
-        ({"controller": {"cloudlet": "a", "port_range": [2, 1]}}, "port_range"),
-        ({"controller": {"cloudlet": "a", "listen": "nope"}}, "controller.listen must be HOST:PORT"),
-        ({"controller": {"cloudlet": "a", "ready_timeout_seconds": 0}}, "must be > 0"),
-        ({"controller": {"cloudlet": "a", "token_file": 5}}, "controller.token_file has the wrong type"),
-        ({"controller": {"cloudlet": "a"}, "podman": {"sock": "x"}}, "unknown key(s) in [podman]"),
-        ({"controller": {"cloudlet": "a", "runtime_events": "yes"}}, "controller.runtime_events must be true or false"),
-        ({"controller": {"cloudlet": "a", "event_debounce_seconds": -1}}, "event_debounce_seconds must be a number 0..10"),
-        ({"controller": {"cloudlet": "a", "event_debounce_seconds": True}}, "event_debounce_seconds"),
+        ({}, "controller.cloudlet: required key is missing"),
+        ({"controller": {"cloudlet": "A"}}, "controller.cloudlet: invalid name 'A'"),
+        ({"controller": {"cloudlet": "a", "lisen": "x"}}, "controller.lisen: unknown key"),
+        ({"controller": {"cloudlet": "a"}, "extra": {}}, "[extra]: unknown table"),
+        ({"controller": {"cloudlet": "a", "runtime": "docker"}}, "controller.runtime: Input should be 'podman' or 'kubernetes'"),
+        ({"controller": {"cloudlet": "a", "port_range": [2, 1]}}, "controller.port_range: must be [first, last] with first <= last"),
+        ({"controller": {"cloudlet": "a", "listen": "nope"}}, "controller.listen: address 'nope' is not HOST:PORT"),
+        ({"controller": {"cloudlet": "a", "ready_timeout_seconds": 0}}, "controller.ready_timeout_seconds: Input should be greater than 0"),
+        ({"controller": {"cloudlet": "a", "token_file": 5}}, "controller.token_file: Input should be a valid string (got 5)"),
+        ({"controller": {"cloudlet": "a"}, "podman": {"sock": "x"}}, "podman.sock: unknown key"),
+        ({"controller": {"cloudlet": "a", "runtime_events": "yes"}},
+         "controller.runtime_events: Input should be a valid boolean (got 'yes')"),
+        ({"controller": {"cloudlet": "a", "event_debounce_seconds": -1}},
+         "controller.event_debounce_seconds: Input should be greater than or equal to 0"),
+        ({"controller": {"cloudlet": "a", "event_debounce_seconds": True}},
+         "controller.event_debounce_seconds: Input should be a valid number (got True)"),
     ],
 )
 def test_bad_config_is_a_clear_error(data: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         from_dict(data)
     assert needle in str(info.value)
+
+
+def test_every_problem_is_reported_at_once_with_its_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict({"controller": {"cloudlet": "a", "ready_timeout_seconds": "ten", "colour": 1, "port_range": [1]},
+                   "podman": {"socket": 5}, "kubernetes": "x"})
+    assert info.value.problems == ["[kubernetes]: must be a table"]  # the file's shape first
+    with pytest.raises(ConfigError) as info:
+        from_dict({"controller": {"cloudlet": "a", "ready_timeout_seconds": "ten", "colour": 1, "port_range": [1]},
+                   "podman": {"socket": 5}})
+    text = str(info.value)
+    assert text.startswith("controller config: 4 problems:")
+    for needle in ("controller.ready_timeout_seconds: Input should be a valid number (got 'ten')",
+                   "controller.colour: unknown key", "controller.port_range", "podman.socket: Input should be a valid string"):
+        assert needle in text
 
 
 def test_runtime_events_keys() -> None:
@@ -63,7 +81,7 @@ def test_runtime_events_keys() -> None:
 
 
 def test_unreadable_and_invalid_files(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="cannot read config"):
+    with pytest.raises(ConfigError, match="missing.toml: cannot read config"):
         load(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[controller\n")

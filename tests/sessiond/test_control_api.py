@@ -144,18 +144,31 @@ async def test_sessiond_process_end_to_end_with_restart(tmp_path, secret_file, e
 
 
 async def test_bad_config_is_a_clear_error(tmp_path, secret_file) -> None:
+    """Every problem of the file, each naming its key, at once, on stderr; --check-config the same."""
     cfg = tmp_path / "bad.toml"
-    cfg.write_text(f'[sessiond]\ncloudlet = "a"\nsecret_file = "{secret_file}"\ncolour = "blue"\n')
+    cfg.write_text(f'[sessiond]\ncloudlet = "a"\nsecret_file = "{secret_file}"\ncolour = "blue"\ngrace_seconds = "ten"\n'
+                   'peer_listen = "0.0.0.0:7700"\n[peers.b]\ntransport = "ssh"\nhost = "h"\nport = 70000\n')
+    for extra in ([], ["--check-config"]):
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cloudlet", "sessiond", "--config", str(cfg),
+                                                    *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 2 and out == b""
+        text = err.decode()
+        for needle in ("sessiond.colour: unknown key", "sessiond.grace_seconds: Input should be a valid number (got 'ten')",
+                       "sessiond.peer_listen: not a loopback address", "peers.b.port: Input should be less than or equal to 65535",
+                       "peers.b.user: required key is missing", "peers.b.endpoint: required key is missing"):
+            assert needle in text, text
+        assert "problems:" in text and "Traceback" not in text
+    cfg.write_text(f'[sessiond]\ncloudlet = "a"\nsecret_file = "{tmp_path / "nope"}"\n')
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cloudlet", "sessiond", "--config", str(cfg),
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 2
-    assert b"unknown [sessiond] key(s): colour" in out
-    cfg.write_text(f'[sessiond]\ncloudlet = "a"\nsecret_file = "{secret_file}"\npeer_listen = "0.0.0.0:7700"\n')
+                                                "--check-config", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2 and b"sessiond.secret_file:" in err
+    cfg.write_text(f'[sessiond]\ncloudlet = "a"\nsecret_file = "{secret_file}"\n')
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cloudlet", "sessiond", "--config", str(cfg),
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 2 and b"not a loopback address" in out
+                                                "--check-config", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0 and b"is valid" in out, err
 
 
 async def test_sessiond_tells_systemd_it_is_ready(tmp_path, secret_file) -> None:

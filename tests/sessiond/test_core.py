@@ -201,6 +201,15 @@ def test_refusal_changes_nothing(name: str, setup: Any, event: Any, status: Stat
     assert core.to_state() == before
 
 
+def test_new_connection_breaking_during_a_drain_detaches_and_the_drain_goes_on() -> None:
+    core = draining()
+    assert kinds(core.client_gone(2, fin=False)) == ["Unbind(2)", "StartTimer(grace,30)"]
+    assert (core.state, core.client, core.draining) == (c.DETACHED, None, 1)
+    core.sent_up(4)  # the old connection still delivers its last bytes upstream
+    assert kinds(core.client_gone(1, fin=True)) == ["Unbind(1)", "CancelTimer(drain)", "Close(1)"]
+    assert core.bytes_up == 4 and core.draining is None and core.state == c.DETACHED
+
+
 def test_mode2_skip_drops_what_the_drained_connection_delivered() -> None:
     core = attached(True)
     core.attach(2, after_fin=True, down_received=0)  # up_start = 0
@@ -328,8 +337,8 @@ def test_random_event_sequences_keep_the_invariants(resumable: bool, events: lis
         # the invariants
         assert core.state in c.STATES
         assert (core.state == c.ATTACHED) == (core.client is not None)
-        if core.draining is not None:
-            assert core.client is not None and core.draining != core.client
+        if core.draining is not None:  # (the new connection may break while the old one drains: detached)
+            assert core.state in (c.ATTACHED, c.DETACHED) and core.draining != core.client
         assert model.bound == {a for a in (core.client, core.draining) if a is not None}
         assert (c.GRACE in model.timers) == (core.state == c.DETACHED)
         assert (c.DRAIN in model.timers) == (core.draining is not None)

@@ -33,16 +33,16 @@ def make_runtime(config: ControllerConfig) -> Runtime:
         from cloudlet.controller.runtime.kubernetes import KubernetesRuntime
 
         return KubernetesRuntime.from_config(config.cloudlet, config.kubernetes)
-    raise ConfigError(f"unknown runtime {config.runtime!r}")
+    raise ConfigError("controller config", [f"controller.runtime: unknown runtime {config.runtime!r}"])
 
 
 def read_token(path: str) -> str:
     try:
         token = Path(path).read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read token_file {path}: {exc}") from exc
+        raise ConfigError("controller config", [f"controller.token_file: cannot read {path}: {exc.strerror or exc}"]) from exc
     if len(token) < 16:
-        raise ConfigError(f"token_file {path} holds a token shorter than 16 characters")
+        raise ConfigError("controller config", [f"controller.token_file: {path} holds a token shorter than 16 characters"])
     return token
 
 
@@ -50,7 +50,7 @@ def read_secret(path: str) -> bytes:
     try:
         return credentials.load_secret(path)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot use secret_file {path}: {exc}") from exc
+        raise ConfigError("controller config", [f"controller.secret_file: cannot use {path}: {exc}"]) from exc
 
 
 @dataclass

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from cloudlet.common import sdnotify
@@ -37,9 +38,16 @@ def _cmd(args: argparse.Namespace) -> int:
         if args.check_config:
             from cloudlet.controller.daemon import make_runtime, read_secret, read_token
 
-            read_token(cfg.token_file)
-            read_secret(cfg.secret_file)
-            make_runtime(cfg)
+            problems: list[str] = []
+            checks: list[Callable[[], object]] = [
+                lambda: read_token(cfg.token_file), lambda: read_secret(cfg.secret_file), lambda: make_runtime(cfg)]
+            for check in checks:  # every problem at once
+                try:
+                    check()
+                except config_mod.ConfigError as exc:
+                    problems += exc.problems
+            if problems:
+                raise config_mod.ConfigError(args.config, problems)
             print(f"config {args.config} is valid (cloudlet {cfg.cloudlet}, runtime {cfg.runtime})")
             return 0
         return asyncio.run(_run(cfg))

@@ -59,12 +59,11 @@ class TcpPeerConnector:
     _probe_task: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_config(cls, peers: dict[str, dict[str, Any]], connect_timeout: float = 3.0) -> "TcpPeerConnector":
+    def from_addresses(cls, addresses: dict[str, str], connect_timeout: float = 3.0) -> TcpPeerConnector:
+        """``{"b": "127.0.0.1:7700", ...}`` (validated by the sessiond config) -> a connector."""
         table = {}
-        for name, cfg in peers.items():
-            if "address" not in cfg:
-                raise ValueError(f"peer {name!r}: transport tcp needs 'address = \"HOST:PORT\"'")
-            host, port = parse_hostport(str(cfg["address"]), f"peer {name!r} address")
+        for name, address in addresses.items():
+            host, port = parse_hostport(address, f"peer {name!r} address")
             table[name] = _TcpPeer(name, host, port)
         return cls(table, connect_timeout)
 

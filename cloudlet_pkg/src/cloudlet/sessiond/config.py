@@ -1,77 +1,110 @@
-"""The sessiond's configuration: the ``[sessiond]`` table plus ``[peers.*]`` (docs/sessiond.md)."""
+"""The sessiond's configuration: the ``[sessiond]`` table plus ``[peers.*]`` (docs/sessiond.md).
+
+One model, :class:`SessiondConfig`, validated by the common loader: every problem names its key
+(``sessiond.grace_seconds``, ``peers.b.connect_timeout``) and all of them are reported at once.
+"""
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from cloudlet.common.addresses import is_loopback, parse_hostport
-from cloudlet.common.names import check_name
+from cloudlet.common.config import ConfigError, HostPort, Name, Section, check_tables, read_toml, validate
+from cloudlet.tunnel.config import SshPeerConfig
+
+Positive = Annotated[float, Field(gt=0)]
+LOG_LEVELS = Literal["debug", "info", "warning", "error"]
 
 
-@dataclass
-class SessiondConfig:
-    """The ``[sessiond]`` table plus ``[peers.*]`` (every key documented in docs/sessiond.md)."""
+class TcpPeer(Section):
+    """A peer reached over plain TCP (``transport = "tcp"``): a loopback or private address map."""
 
-    cloudlet: str
-    secret_file: str
+    transport: Literal["tcp"] = "tcp"
+    address: HostPort
+
+
+def _transport(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("transport", "tcp"))
+    return str(getattr(value, "transport", "tcp"))
+
+
+Peer = Annotated[Annotated[TcpPeer, Tag("tcp")] | Annotated[SshPeerConfig, Tag("ssh")], Discriminator(_transport)]
+
+
+class SessiondConfig(Section):
+    """The keys of ``[sessiond]`` (every one documented in docs/sessiond.md) and the ``[peers.*]`` tables."""
+
+    cloudlet: Name
+    secret_file: Annotated[str, Field(min_length=1)]
     control_socket: str = "/run/cloudlet/sessiond.sock"
     state_dir: str = "/var/lib/cloudlet/sessiond"
-    peer_listen: str = "127.0.0.1:7700"
+    peer_listen_allow_remote: bool = False  # (before peer_listen: its check reads it)
+    peer_listen: HostPort = "127.0.0.1:7700"
     metrics_listen: str = "127.0.0.1:9701"
-    grace_seconds: float = 30.0
-    buffer_bytes: int = 1048576
-    replay_bytes: int = 2097152
-    max_sessions: int = 100000
-    header_timeout_seconds: float = 5.0
-    credential_lifetime_seconds: float = 86400.0
-    backend_connect_timeout_seconds: float = 5.0
-    peer_connect_timeout_seconds: float = 3.0
-    peer_listen_allow_remote: bool = False
-    splice_threshold_bytes: int = 1048576
-    log_level: str = "info"
-    log_format: str = "json"
-    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    grace_seconds: Positive = 30.0
+    buffer_bytes: Annotated[int, Field(ge=1024)] = 1048576
+    replay_bytes: Annotated[int, Field(ge=0)] = 2097152  # 0: resumable sessions replay nothing
+    max_sessions: Annotated[int, Field(ge=1)] = 100000
+    header_timeout_seconds: Positive = 5.0
+    credential_lifetime_seconds: Positive = 86400.0
+    backend_connect_timeout_seconds: Positive = 5.0
+    peer_connect_timeout_seconds: Positive = 3.0
+    splice_threshold_bytes: int = 1048576  # < 0: never splice
+    log_level: LOG_LEVELS = "info"
+    log_format: Literal["json", "text"] = "json"
+    peers: dict[Name, Peer] = Field(default_factory=dict)
+
+    @field_validator("peer_listen")
+    @classmethod
+    def _loopback(cls, value: str, info: ValidationInfo) -> str:
+        if not info.data.get("peer_listen_allow_remote") and not is_loopback(parse_hostport(value)[0]):
+            raise ValueError("not a loopback address (peers reach it through their tunnel; "
+                             "set peer_listen_allow_remote = true to override)")
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics(cls, value: str) -> str:
+        if value:  # "" turns the metrics port off
+            parse_hostport(value, "address")
+        return value
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SessiondConfig":
-        unknown_top = set(data) - {"sessiond", "peers"}
-        if unknown_top:
-            raise ValueError(f"unknown config table(s): {', '.join(sorted(unknown_top))}")
+    def from_dict(cls, data: dict[str, Any], source: str = "sessiond config") -> SessiondConfig:
+        problems = check_tables(data, ("sessiond", "peers"), source)
+        if problems:
+            raise ConfigError(source, problems)
         table = dict(data.get("sessiond", {}))
-        known = {f.name for f in fields(cls)} - {"peers"}
-        unknown = set(table) - known
-        if unknown:
-            raise ValueError(f"unknown [sessiond] key(s): {', '.join(sorted(unknown))}")
-        for key in ("cloudlet", "secret_file"):
-            if key not in table:
-                raise ValueError(f"[sessiond] {key} is required")
-        cfg = cls(**table, peers={str(k): dict(v) for k, v in data.get("peers", {}).items()})
-        cfg.validate()
-        return cfg
+        if "peers" in table:
+            raise ConfigError(source, ["sessiond.peers: unknown key (peers are [peers.NAME] tables)"])
+        cfg = validate(cls, {**table, "peers": data.get("peers", {})}, source, locate=_locate)
+        return cfg.model_copy(update={"peers": peer_configs(cfg.peers)})
 
     @classmethod
-    def load(cls, path: str | Path) -> "SessiondConfig":
-        with open(path, "rb") as fh:
-            return cls.from_dict(tomllib.load(fh))
+    def load(cls, path: str | Path) -> SessiondConfig:
+        return cls.from_dict(read_toml(path), str(path))
 
-    def validate(self) -> None:
-        check_name(self.cloudlet, "cloudlet name")
-        for name in self.peers:
-            check_name(name, "peer name")
-        host, _ = parse_hostport(self.peer_listen, "peer_listen")
-        if not self.peer_listen_allow_remote and not is_loopback(host):
-            raise ValueError(f"peer_listen {self.peer_listen!r} is not a loopback address "
-                             "(peers reach it through their tunnel; set peer_listen_allow_remote = true to override)")
-        if self.metrics_listen:
-            parse_hostport(self.metrics_listen, "metrics_listen")
-        for key in ("grace_seconds", "header_timeout_seconds", "credential_lifetime_seconds",
-                    "backend_connect_timeout_seconds", "peer_connect_timeout_seconds"):
-            if float(getattr(self, key)) <= 0:
-                raise ValueError(f"{key} must be positive")
-        if int(self.buffer_bytes) < 1024 or int(self.max_sessions) < 1:
-            raise ValueError("buffer_bytes must be at least 1024 and max_sessions at least 1")
-        if int(self.replay_bytes) < 0:
-            raise ValueError("replay_bytes must be >= 0 (0: resumable sessions replay nothing)")
+
+def _locate(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """Errors on peers keep their path (``peers.b.port``, without the union's tag); the rest is ``[sessiond]``."""
+    if loc and loc[0] == "peers":
+        return tuple(p for i, p in enumerate(loc) if not (i == 2 and p in ("tcp", "ssh")))
+    return ("sessiond", *loc)
+
+
+class _PeerTables(Section):
+    peers: dict[Name, Peer]
+
+
+def peer_configs(peers: Mapping[str, Any]) -> dict[str, TcpPeer | SshPeerConfig]:
+    """``[peers.*]`` tables as models (those already validated pass through), SSH peers named."""
+    if all(isinstance(p, (TcpPeer, SshPeerConfig)) for p in peers.values()):
+        models: dict[str, TcpPeer | SshPeerConfig] = dict(peers)
+    else:
+        models = dict(validate(_PeerTables, {"peers": dict(peers)}, "[peers]", locate=_locate).peers)
+    return {n: p.model_copy(update={"name": n}) if isinstance(p, SshPeerConfig) else p for n, p in models.items()}

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from cloudlet.common.logs import event
 from cloudlet.protocol.wire import Status
 from cloudlet.relay.hop import PeerConnector, PeerError, TcpPeerConnector
+from cloudlet.sessiond.config import TcpPeer, peer_configs
+from cloudlet.tunnel.config import SshPeerConfig
 
 log = logging.getLogger(__name__)
 
-
-TRANSPORTS = ("tcp", "ssh")
 
 
 class CompositeConnector:
@@ -73,24 +74,21 @@ class CompositeConnector:
                 hook(registry)
 
 
-def make_connector(peers: dict[str, dict[str, Any]], connect_timeout: float = 3.0) -> CompositeConnector:
-    """Build the connector for the ``[peers.*]`` tables of the sessiond config."""
-    by_transport: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in TRANSPORTS}
-    for name, cfg in peers.items():
-        transport = str(cfg.get("transport", "tcp"))
-        if transport not in TRANSPORTS:
-            raise ValueError(f"peer {name!r}: transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
-        by_transport[transport][name] = cfg
+def make_connector(peers: Mapping[str, Any], connect_timeout: float = 3.0) -> CompositeConnector:
+    """Build the connector for the ``[peers.*]`` tables (validated models, or raw tables to validate)."""
+    configs = peer_configs(peers)
+    tcp = {n: p.address for n, p in configs.items() if isinstance(p, TcpPeer)}
+    ssh = [p for p in configs.values() if isinstance(p, SshPeerConfig)]
     routes: dict[str, PeerConnector] = {}
     connectors: list[PeerConnector] = []
-    if by_transport["tcp"]:
-        tcp = TcpPeerConnector.from_config(by_transport["tcp"], connect_timeout)
-        connectors.append(tcp)
-        routes.update({n: tcp for n in by_transport["tcp"]})
-    if by_transport["ssh"]:
+    if tcp:
+        tcp_conn = TcpPeerConnector.from_addresses(tcp, connect_timeout)
+        connectors.append(tcp_conn)
+        routes.update({n: tcp_conn for n in tcp})
+    if ssh:
         from cloudlet.tunnel.connector import SshPeerConnector  # lazy: asyncssh only where SSH peers exist
 
-        ssh = SshPeerConnector.from_config(by_transport["ssh"])
-        connectors.append(ssh)
-        routes.update({n: ssh for n in by_transport["ssh"]})
+        ssh_conn = SshPeerConnector(ssh)
+        connectors.append(ssh_conn)
+        routes.update({p.name: ssh_conn for p in ssh})
     return CompositeConnector(routes, connectors, open_timeout=connect_timeout + 2.0)

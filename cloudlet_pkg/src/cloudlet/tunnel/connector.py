@@ -22,7 +22,7 @@ class SshPeerConnector:
 
     @classmethod
     def from_config(cls, peers: dict[str, dict[str, Any]]) -> "SshPeerConnector":
-        """Build from the ``[peers.NAME]`` TOML tables (``transport = "ssh"``); TunnelConfigError if bad."""
+        """Build from the ``[peers.NAME]`` TOML tables (``transport = "ssh"``); ``ConfigError`` if bad."""
         return cls([SshPeerConfig.from_table(name, dict(table)) for name, table in peers.items()])
 
     async def start(self) -> None:

@@ -11,7 +11,3 @@ class PeerUnavailable(PeerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(Status.PEER_UNAVAILABLE, message)
-
-
-class TunnelConfigError(ValueError):
-    """A ``[peers.NAME]`` table with ``transport = "ssh"`` is invalid."""

@@ -117,7 +117,7 @@ class KubernetesRuntime:
                     config_file=cfg.kubeconfig, context=cfg.context or None, client_configuration=conf
                 )
         except (k8s_config.ConfigException, OSError, TypeError, ValueError) as exc:
-            raise ConfigError(f"kubernetes.kubeconfig {cfg.kubeconfig}: {exc}") from exc
+            raise ConfigError("kubernetes config", [f"kubernetes.kubeconfig: {cfg.kubeconfig}: {exc}"]) from exc
         conf.retries = 1
         return cls(cloudlet, k8s.ApiClient(conf), cfg.namespace)
 
