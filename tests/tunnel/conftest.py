@@ -1,4 +1,4 @@
-"""The SSH tunnel tests need a real OpenSSH sshd; skip them, saying why, where it cannot run."""
+"""Tests marked ``sshd`` need a real OpenSSH sshd; skip them, saying why, where it cannot run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from cloudlet_bench.harness.sshd import sshd_argv_available
 
 
 @pytest.fixture(autouse=True)
-def _needs_sshd() -> None:
+def _needs_sshd(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("sshd") is None:
+        return
     reasons = sshd_argv_available()
     if reasons:
         pytest.skip("tunnel tests need a real sshd: " + "; ".join(reasons))

@@ -15,7 +15,60 @@ import asyncio
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
+
+import asyncssh
+
+# asyncssh releases whose internals the fast path was tested against (tests/tunnel/
+# test_fastpath_contract.py, against an in-process asyncssh server and OpenSSH's sshd). To widen:
+# install the release, run the contract and tunnel tests, add its "major.minor" here and widen the
+# pin in cloudlet_pkg/pyproject.toml.
+TESTED_ASYNCSSH = ("2.24",)
+# the negotiated ciphers the direct data paths implement (AES-GCM, the OpenSSH variants)
+CIPHERS = frozenset({"aes128-gcm@openssh.com", "aes256-gcm@openssh.com"})
+
+
+@dataclass(frozen=True, slots=True)
+class FastPath:
+    """What ``install`` did to a connection: ``direct`` sends channel data (None: asyncssh's path)."""
+
+    installed: bool
+    reason: str  # why not, when not installed
+    direct: _DirectData | None = None
+
+
+def asyncssh_tested(version: str | None = None) -> bool:
+    v = version if version is not None else str(getattr(asyncssh, "__version__", ""))
+    return any(v == t or v.startswith(t + ".") for t in TESTED_ASYNCSSH)
+
+
+def install(conn: Any, enabled: bool = True, version: str | None = None) -> FastPath:
+    """Install the fast path on an authenticated asyncssh client connection, if it may run here.
+
+    Only with a tested asyncssh release, only for a negotiated AES-GCM cipher in both directions and
+    only if every internal it uses is present; otherwise the connection is left exactly as asyncssh
+    made it (TCP_QUICKACK aside, which is plain socket tuning).
+    """
+    _install_quickack(conn)
+    try:
+        if not enabled:
+            return FastPath(False, "fast_path = false")
+        if not asyncssh_tested(version):
+            return FastPath(False, f"asyncssh {version or getattr(asyncssh, '__version__', '?')} is not a tested "
+                                   f"release ({', '.join(TESTED_ASYNCSSH)})")
+        ciphers = {conn.get_extra_info("send_cipher"), conn.get_extra_info("recv_cipher")}
+        if not ciphers <= CIPHERS:
+            return FastPath(False, f"cipher {'/'.join(sorted(str(c) for c in ciphers))} has no fast path")
+        if not (_DirectData.supported(conn) and _DirectRecv.supported(conn)):
+            return FastPath(False, "this asyncssh lacks an internal the fast path uses")
+        if not _install_cork(conn):
+            return FastPath(False, "this asyncssh lacks an internal the fast path uses")
+        direct = _DirectData(conn)
+        _DirectRecv(conn).install()
+        return FastPath(True, "", direct)
+    finally:
+        _rebind_protocol(conn)
 
 _MSG_IGNORE = 2
 
@@ -72,7 +125,7 @@ class _CorkedTransport:
         return getattr(self._t, name)
 
 
-def _install_fast_path(conn: Any) -> bool:
+def _install_cork(conn: Any) -> bool:
     """Cork the connection's socket writes and drop asyncssh's empty IGNORE packets."""
     transport = getattr(conn, "_transport", None)
     send_packet = getattr(conn, "send_packet", None)

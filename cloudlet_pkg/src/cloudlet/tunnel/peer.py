@@ -12,7 +12,8 @@ from typing import Any
 import asyncssh
 
 from cloudlet.common.logs import event
-from cloudlet.tunnel._fastpath import _DirectData, _DirectRecv, _install_fast_path, _install_quickack, _rebind_protocol
+from cloudlet.tunnel import _fastpath
+from cloudlet.tunnel._fastpath import _DirectData
 from cloudlet.tunnel.channel import READER_LIMIT, _ChannelSession
 from cloudlet.tunnel.config import SshPeerConfig
 from cloudlet.tunnel.errors import PeerUnavailable
@@ -38,6 +39,7 @@ class PeerTunnel:
     last_error: str | None = None
     cipher: str | None = None
     fast_path: bool = False
+    fast_path_reason: str = ""
     up_since: float | None = None
     _conn: Any = None
     _direct: _DirectData | None = None
@@ -142,12 +144,8 @@ class PeerTunnel:
 
     async def _serve(self, conn: Any) -> None:
         cfg = self.config
-        self.fast_path = _install_fast_path(conn) if cfg.fast_path else False
-        self._direct = _DirectData(conn) if self.fast_path and _DirectData.supported(conn) else None
-        if self.fast_path and _DirectRecv.supported(conn):
-            _DirectRecv(conn).install()
-        _install_quickack(conn)
-        _rebind_protocol(conn)
+        fast = _fastpath.install(conn, cfg.fast_path)
+        self.fast_path, self.fast_path_reason, self._direct = fast.installed, fast.reason, fast.direct
         self.cipher = conn.get_extra_info("send_cipher")
         self._conn = conn
         if self._ever_up:
@@ -157,7 +155,7 @@ class PeerTunnel:
         self.up_since = time.time()
         self.last_error = None
         event(log, logging.INFO, "tunnel up", peer=cfg.name, host=cfg.host, port=cfg.port, cipher=self.cipher,
-              fast_path=self.fast_path, reconnects=self.reconnects)
+              fast_path=self.fast_path, fast_path_off=self.fast_path_reason or None, reconnects=self.reconnects)
         rtt_task = asyncio.get_running_loop().create_task(self._measure_rtt(conn))
         try:
             await conn.wait_closed()
@@ -236,6 +234,7 @@ class PeerTunnel:
             "name": cfg.name, "transport": "ssh", "state": self.state, "channels": self.channels,
             "rtt_ms": self.rtt_ms, "reconnects": self.reconnects, "last_error": self.last_error,
             "host": cfg.host, "port": cfg.port, "endpoint": f"{cfg.endpoint_host}:{cfg.endpoint_port}",
-            "cipher": self.cipher, "fast_path": self.fast_path, "channels_opened": self.channels_opened,
+            "cipher": self.cipher, "fast_path": self.fast_path,
+            "fast_path_off": self.fast_path_reason or None, "channels_opened": self.channels_opened,
             "open_failures": self.open_failures, "connect_failures": self.connect_failures,
         }
