@@ -3,8 +3,21 @@
 
 COLLECTION_DIR := collections/ansible_collections/cloudlet/fleet
 COLLECTION_LINT_PATHS := $(COLLECTION_DIR) playbooks/example_launch.yml
+# where collection-install puts the built collection (molecule rolls the fleet out from there)
+COLLECTION_INSTALL_DIR := $(CURDIR)/.cache/collections
 
-.PHONY: test-collection test-collection-unit test-collection-integration lint-collection sanity-collection
+COLLECTION_SOURCES := $(shell find $(COLLECTION_DIR) -type f -not -path '*/tests/output/*' -not -path '*/__pycache__/*' 2>/dev/null)
+
+.PHONY: collection-build collection-install test-collection test-collection-unit test-collection-integration lint-collection sanity-collection
+
+collection-build: .cache/collection/.stamp ## cloudlet.fleet: ansible-galaxy collection build (the tarball users install)
+.cache/collection/.stamp: $(COLLECTION_SOURCES)
+	@mkdir -p .cache/collection && rm -f .cache/collection/cloudlet-fleet-*.tar.gz
+	ansible-galaxy collection build --force --output-path .cache/collection $(COLLECTION_DIR)
+	@touch $@
+
+collection-install: collection-build ## cloudlet.fleet: install the built tarball into .cache/collections (as a user would)
+	cd .cache/collection && env -u ANSIBLE_CONFIG ansible-galaxy collection install --force --offline -p $(COLLECTION_INSTALL_DIR) cloudlet-fleet-*.tar.gz
 
 test-collection: test-collection-unit test-collection-integration ## cloudlet.fleet: module unit tests + real ansible-playbook integration
 

@@ -3,6 +3,8 @@
 
 FLEET_PY := $(PY) fleet/fleet.py
 FLEET_PLAYBOOKS := site.yml playbooks/launch.yml playbooks/reset.yml playbooks/uninstall.yml playbooks/status.yml
+# the roles and playbooks themselves ship in the collection (lint-collection lints them too)
+FLEET_ROLES := $(COLLECTION_DIR)/roles $(COLLECTION_DIR)/playbooks
 # Sources of the cloudlet wheel: the wheelhouse is rebuilt only when one of them changed, and with
 # a fixed SOURCE_DATE_EPOCH, so an unchanged tree gives a byte-identical wheel (idempotent rollout).
 WHEEL_SOURCES := $(shell find cloudlet_pkg/src -type f -not -path '*/__pycache__/*' -not -path '*.egg-info*' 2>/dev/null) cloudlet_pkg/pyproject.toml
@@ -43,14 +45,14 @@ demo-down: ## remove everything `make demo` created
 	$(FLEET_PY) down
 
 lint-fleet: ## yamllint, ansible-lint (production profile) and syntax check of roles, playbooks, molecule
-	yamllint -s roles inventory molecule $(FLEET_PLAYBOOKS)
-	ansible-lint --profile production roles molecule inventory $(FLEET_PLAYBOOKS)
+	yamllint -s $(FLEET_ROLES) inventory molecule $(FLEET_PLAYBOOKS)
+	ansible-lint --profile production $(FLEET_ROLES) molecule inventory $(FLEET_PLAYBOOKS)
 	ansible-playbook --syntax-check $(FLEET_PLAYBOOKS)
 
 test-fleet: lint-fleet ## fleet tooling tests, role checks (lint, argument specs, check mode)
 	$(PY) -m pytest tests/fleet $(PYTEST_ARGS)
 
-test-molecule: wheelhouse ## molecule: three-host fleet, converge site.yml, idempotence, check, verify, reset + uninstall (side_effect), destroy
+test-molecule: wheelhouse collection-install ## molecule: three-host fleet, converge cloudlet.fleet.site from the installed collection, idempotence, check, verify, reset + uninstall (side_effect), destroy
 	molecule test -s default
 
 # tests/fleet already runs in test-python (pytest tests); make test adds the lint and molecule.

@@ -25,7 +25,6 @@ def playbook(tmp_path: Path, inventory: str, play: str, *extra: str) -> subproce
     env = dict(os.environ)
     env.update({
         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-        "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
         "ANSIBLE_COLLECTIONS_PATH": str(ROOT / "collections"),
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_HOST_KEY_CHECKING": "false",
@@ -45,7 +44,7 @@ def local_inventory(**hostvars: str) -> str:
     )
 
 
-ROLE_PLAY = "- hosts: cloudlets\n  gather_facts: false\n  roles:\n    - role: {role}\n"
+ROLE_PLAY = "- hosts: cloudlets\n  gather_facts: false\n  roles:\n    - role: cloudlet.fleet.{role}\n"
 
 
 def test_bad_variable_stops_at_the_argument_specs(tmp_path):
@@ -54,7 +53,7 @@ def test_bad_variable_stops_at_the_argument_specs(tmp_path):
     assert proc.returncode != 0
     assert "cloudlet_runtime" in out and "podman, kubernetes" in out
     assert "Validating arguments against arg spec" in out
-    assert "TASK [cloudlet : Create" not in out  # stopped before any change
+    assert "TASK [cloudlet.fleet.cloudlet : Create" not in out  # stopped before any change
 
 
 def test_bad_cloudlet_name_stops_with_its_rule(tmp_path):
@@ -62,7 +61,7 @@ def test_bad_cloudlet_name_stops_with_its_rule(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "[a-z0-9][a-z0-9-]{0,31}" in out
-    assert "TASK [cloudlet : Create" not in out
+    assert "TASK [cloudlet.fleet.cloudlet : Create" not in out
 
 
 def test_missing_wheelhouse_stops_before_anything_changes(tmp_path):
@@ -72,7 +71,7 @@ def test_missing_wheelhouse_stops_before_anything_changes(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "No cloudlet wheel in" in out and "make wheelhouse" in out
-    assert "TASK [cloudlet : Install Debian packages" not in out
+    assert "TASK [cloudlet.fleet.cloudlet : Install Debian packages" not in out
     assert not (tmp_path / "creds").exists()
 
 
@@ -98,7 +97,7 @@ def test_k3s_download_without_checksum_is_refused(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "k3s_release_checksum" in out
-    assert "TASK [k3s : Create the k3s directories]" not in out
+    assert "TASK [cloudlet.fleet.k3s : Create the k3s directories]" not in out
 
 
 def test_k3s_airgap_folder_without_binary_is_refused(tmp_path):

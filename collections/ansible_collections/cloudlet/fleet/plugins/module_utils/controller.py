@@ -3,6 +3,9 @@
 # Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
 """HTTP client for the cloudlet controller API, shared by the cloudlet.fleet modules.
 
+This module util is PRIVATE to the collection: it may change or go away in any release, without
+notice; use the modules, not this file.
+
 Only what ansible-core ships with is used (``open_url``), so the modules run on any control node or
 cloudlet without the cloudlet Python package. Every failure becomes a ``ControllerError`` whose
 ``cause`` names what went wrong (unreachable, timeout, unauthorized, image_not_found, conflict, ...);
