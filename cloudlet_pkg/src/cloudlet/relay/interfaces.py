@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cloudlet.common.addresses import parse_hostport
 from cloudlet.relay.flow import ReadGate
 
 
@@ -65,8 +66,7 @@ class ServiceEntry:
 
     @property
     def backend_hostport(self) -> tuple[str, int]:
-        host, _, port = self.backend.rpartition(":")
-        return host.strip("[]"), int(port)
+        return parse_hostport(self.backend, "backend")
 
     def to_json(self, sessions: int) -> dict[str, Any]:
         return {"name": self.name, "port": self.port, "listen": self.listen, "backend": self.backend, "sessions": sessions}

@@ -1,4 +1,4 @@
-"""One running session daemon: service ports, the peer endpoint, the control API, metrics, saved services.
+"""One running session daemon: service ports, the peer endpoint, its control API and metrics endpoint, saved services.
 
 Usable in-process (tests, benchmarks) as well as from ``cloudlet sessiond`` (``cloudlet.sessiond.main``).
 """
@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 
 from cloudlet.common.addresses import format_address, parse_hostport
 from cloudlet.common.logs import event
@@ -25,18 +23,12 @@ from cloudlet.relay.connection import ServerConnection
 from cloudlet.relay.interfaces import ServiceEntry
 from cloudlet.relay.manager import SessionManager
 from cloudlet.relay.metrics import SessiondMetrics
+from cloudlet.sessiond.api import ApiError, build_control_app, build_metrics_app
 from cloudlet.sessiond.config import SessiondConfig
 from cloudlet.sessiond.peers import make_connector
+from cloudlet.sessiond.store import ServiceStore
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def _validate_backend(backend: Any) -> str:
@@ -56,6 +48,7 @@ class Sessiond:
 
     def __init__(self, config: SessiondConfig, connector: Any = None) -> None:
         self.config = config
+        self.store = ServiceStore(Path(config.state_dir) / "services.json")
         self._connector = connector
         self.metrics = SessiondMetrics()
         self.manager: SessionManager | None = None
@@ -68,7 +61,7 @@ class Sessiond:
 
     @property
     def services_file(self) -> Path:
-        return Path(self.config.state_dir) / "services.json"
+        return self.store.path
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -180,49 +173,22 @@ class Sessiond:
 
     def _save(self) -> None:
         assert self.manager is not None
-        path = self.services_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"services": [{"name": e.name, "port": e.port, "listen": e.listen, "backend": e.backend}
-                             for e in self.manager.services.values()]}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        self.store.save(self.manager.services.values())
 
     async def _restore_services(self) -> None:
-        path = self.services_file
-        if not path.exists():
-            return
-        try:
-            items = json.loads(path.read_text())["services"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            event(log, logging.ERROR, "cannot read saved services; starting without them", path=str(path), error=str(exc))
-            return
-        for item in items:
+        for item in self.store.load():
             try:
-                await self.put_service(item["name"], item["backend"], int(item["port"]), item.get("listen", "0.0.0.0"))
-            except (ApiError, KeyError, TypeError, ValueError) as exc:
-                event(log, logging.ERROR, "cannot restore service", service=item.get("name") if isinstance(item, dict) else None,
-                      error=str(exc))
+                await self.put_service(item.name, item.backend, item.port, item.listen)
+            except ApiError as exc:
+                event(log, logging.ERROR, "cannot restore service", service=item.name, error=str(exc))
 
     def service_json(self, entry: ServiceEntry) -> dict[str, Any]:
         assert self.manager is not None
         return entry.to_json(self.manager.service_sessions(entry))
 
-    # -- control API -------------------------------------------------------------------------
+    # -- control API and metrics endpoint (cloudlet.sessiond.api) -------------------------------
     async def _start_control(self) -> None:
-        app = web.Application(middlewares=[_error_middleware], client_max_size=64 * 1024)
-        app.add_routes([
-            web.get("/v1/health", self._h_health),
-            web.get("/v1/services", self._h_services),
-            web.get("/v1/services/{name}", self._h_service_get),
-            web.put("/v1/services/{name}", self._h_service_put),
-            web.delete("/v1/services/{name}", self._h_service_delete),
-            web.get("/v1/sessions", self._h_sessions),
-            web.delete("/v1/sessions/{key}", self._h_session_delete),
-            web.get("/v1/peers", self._h_peers),
-            web.get("/metrics", self._h_metrics),
-        ])
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(build_control_app(self), access_log=None)
         await runner.setup()
         path = Path(self.config.control_socket)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,95 +200,21 @@ class Sessiond:
         self._runners.append(runner)
 
     async def _start_metrics(self) -> None:
-        app = web.Application()
-        app.add_routes([web.get("/metrics", self._h_metrics)])
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(build_metrics_app(self), access_log=None)
         await runner.setup()
         host, port = parse_hostport(self.config.metrics_listen, "metrics_listen")
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
-        server: Any = site._server  # aiohttp has no public accessor for the bound port
-        if server is not None and server.sockets:
-            self.metrics_address = server.sockets[0].getsockname()[:2]
+        if runner.addresses:
+            host, port = runner.addresses[0][:2]
+            self.metrics_address = (str(host), int(port))
         self._runners.append(runner)
 
-    async def _h_health(self, request: web.Request) -> web.Response:
-        m = self.manager
-        assert m is not None
-        return web.json_response({
-            "status": "ok", "cloudlet": self.config.cloudlet, "services": len(m.services), "sessions": m.live_count(),
-            "peer_listen": format_address(self.peer_address), "metrics_listen": format_address(self.metrics_address),
-        })
-
-    async def _h_services(self, request: web.Request) -> web.Response:
-        assert self.manager is not None
-        return web.json_response({"services": [self.service_json(e) for e in self.manager.services.values()]})
-
-    async def _h_service_get(self, request: web.Request) -> web.Response:
-        assert self.manager is not None
-        entry = self.manager.services.get(request.match_info["name"])
-        if entry is None:
-            raise ApiError(404, "not_found", f"no service {request.match_info['name']!r}")
-        return web.json_response(self.service_json(entry))
-
-    async def _h_service_put(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "bad_request", "body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "bad_request", "body must be a JSON object")
-        unknown = set(body) - {"backend", "port", "listen"}
-        if unknown:
-            raise ApiError(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
-        if "backend" not in body:
-            raise ApiError(400, "bad_request", "backend is required")
-        entry, _ = await self.put_service(request.match_info["name"], body["backend"], body.get("port", 0),
-                                          body.get("listen", "0.0.0.0"))
-        return web.json_response(self.service_json(entry))
-
-    async def _h_service_delete(self, request: web.Request) -> web.Response:
-        await self.delete_service(request.match_info["name"])
-        return web.Response(status=204)
-
-    async def _h_sessions(self, request: web.Request) -> web.Response:
-        assert self.manager is not None
-        return web.json_response({"sessions": self.manager.list_sessions(request.query.get("service"))})
-
-    async def _h_session_delete(self, request: web.Request) -> web.Response:
-        m = self.manager
-        assert m is not None
-        key = request.match_info["key"]
-        if key.startswith(credentials.VERSION + "."):
-            try:
-                cred = credentials.parse(m.secret, key)
-            except credentials.CredentialError as exc:
-                raise ApiError(400, "bad_request", str(exc)) from None
-            if not m.end_credential(cred, "ended_by_api"):
-                raise ApiError(404, "not_found", "no live session for this credential (it is now retired)")
-        elif not m.end_id(key, "ended_by_api"):
-            raise ApiError(404, "not_found", f"no live session {key!r}")
-        return web.Response(status=204)
-
-    async def _h_peers(self, request: web.Request) -> web.Response:
+    def peers_status(self) -> list[dict[str, Any]]:
         status = getattr(self._connector, "status", None)
-        return web.json_response({"peers": status() if status is not None else []})
+        return list(status()) if status is not None else []
 
-    async def _h_metrics(self, request: web.Request) -> web.Response:
+    def metrics_text(self) -> bytes:
         assert self.manager is not None
         self.manager.collect()
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-@web.middleware
-async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return web.json_response({"error": {"code": exc.code, "message": exc.message}}, status=exc.status)
-    except web.HTTPException as exc:
-        code = {404: "not_found", 405: "bad_request", 413: "bad_request"}.get(exc.status, "bad_request")
-        return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status if exc.status < 500 else 500)
-    except Exception as exc:
-        log.exception("control API error")
-        return web.json_response({"error": {"code": "internal", "message": type(exc).__name__}}, status=500)
+        return bytes(generate_latest(self.metrics.registry))

@@ -1,0 +1,166 @@
+"""The sessiond control API (HTTP/1.1 + JSON on a Unix socket) and its metrics endpoint (docs/sessiond.md)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from cloudlet.common.addresses import format_address
+from cloudlet.protocol import credentials
+from cloudlet.relay.interfaces import ServiceEntry
+from cloudlet.relay.manager import SessionManager
+from cloudlet.sessiond.config import SessiondConfig
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Controlled(Protocol):
+    """What the API needs of the daemon (``cloudlet.sessiond.daemon.Sessiond`` implements it)."""
+
+    config: SessiondConfig
+    manager: SessionManager | None
+    peer_address: tuple[str, int] | None
+    metrics_address: tuple[str, int] | None
+
+    def service_json(self, entry: ServiceEntry) -> dict[str, Any]: ...
+
+    async def put_service(self, name: str, backend: Any, port: Any = 0,
+                          listen: Any = "0.0.0.0") -> tuple[ServiceEntry, bool]: ...
+
+    async def delete_service(self, name: str) -> None: ...
+
+    def peers_status(self) -> list[dict[str, Any]]: ...
+
+    def metrics_text(self) -> bytes: ...
+
+
+DAEMON: web.AppKey[Controlled] = web.AppKey("daemon")
+
+
+def build_control_app(daemon: Controlled) -> web.Application:
+    app = web.Application(middlewares=[_error_middleware], client_max_size=64 * 1024)
+    app[DAEMON] = daemon
+    app.add_routes([
+        web.get("/v1/health", _h_health),
+        web.get("/v1/services", _h_services),
+        web.get("/v1/services/{name}", _h_service_get),
+        web.put("/v1/services/{name}", _h_service_put),
+        web.delete("/v1/services/{name}", _h_service_delete),
+        web.get("/v1/sessions", _h_sessions),
+        web.delete("/v1/sessions/{key}", _h_session_delete),
+        web.get("/v1/peers", _h_peers),
+        web.get("/metrics", _h_metrics),
+    ])
+    return app
+
+
+def build_metrics_app(daemon: Controlled) -> web.Application:
+    app = web.Application()
+    app[DAEMON] = daemon
+    app.add_routes([web.get("/metrics", _h_metrics)])
+    return app
+
+
+def _daemon(request: web.Request) -> tuple[Controlled, SessionManager]:
+    daemon = request.app[DAEMON]
+    assert daemon.manager is not None  # the API starts after the manager
+    return daemon, daemon.manager
+
+
+async def _h_health(request: web.Request) -> web.Response:
+    d, m = _daemon(request)
+    return web.json_response({
+        "status": "ok", "cloudlet": d.config.cloudlet, "services": len(m.services), "sessions": m.live_count(),
+        "peer_listen": format_address(d.peer_address), "metrics_listen": format_address(d.metrics_address),
+    })
+
+
+async def _h_services(request: web.Request) -> web.Response:
+    d, m = _daemon(request)
+    return web.json_response({"services": [d.service_json(e) for e in m.services.values()]})
+
+
+async def _h_service_get(request: web.Request) -> web.Response:
+    d, m = _daemon(request)
+    entry = m.services.get(request.match_info["name"])
+    if entry is None:
+        raise ApiError(404, "not_found", f"no service {request.match_info['name']!r}")
+    return web.json_response(d.service_json(entry))
+
+
+async def _h_service_put(request: web.Request) -> web.Response:
+    d, _ = _daemon(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "bad_request", "body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "body must be a JSON object")
+    unknown = set(body) - {"backend", "port", "listen"}
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+    if "backend" not in body:
+        raise ApiError(400, "bad_request", "backend is required")
+    entry, _ = await d.put_service(request.match_info["name"], body["backend"], body.get("port", 0),
+                                   body.get("listen", "0.0.0.0"))
+    return web.json_response(d.service_json(entry))
+
+
+async def _h_service_delete(request: web.Request) -> web.Response:
+    d, _ = _daemon(request)
+    await d.delete_service(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def _h_sessions(request: web.Request) -> web.Response:
+    _, m = _daemon(request)
+    return web.json_response({"sessions": m.list_sessions(request.query.get("service"))})
+
+
+async def _h_session_delete(request: web.Request) -> web.Response:
+    _, m = _daemon(request)
+    key = request.match_info["key"]
+    if key.startswith(credentials.VERSION + "."):
+        try:
+            cred = credentials.parse(m.secret, key)
+        except credentials.CredentialError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        if not m.end_credential(cred, "ended_by_api"):
+            raise ApiError(404, "not_found", "no live session for this credential (it is now retired)")
+    elif not m.end_id(key, "ended_by_api"):
+        raise ApiError(404, "not_found", f"no live session {key!r}")
+    return web.Response(status=204)
+
+
+async def _h_peers(request: web.Request) -> web.Response:
+    return web.json_response({"peers": request.app[DAEMON].peers_status()})
+
+
+async def _h_metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[DAEMON].metrics_text(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return web.json_response({"error": {"code": exc.code, "message": exc.message}}, status=exc.status)
+    except web.HTTPException as exc:
+        code = {404: "not_found", 405: "bad_request", 413: "bad_request"}.get(exc.status, "bad_request")
+        return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status if exc.status < 500 else 500)
+    except Exception as exc:
+        log.exception("control API error")
+        return web.json_response({"error": {"code": "internal", "message": type(exc).__name__}}, status=500)
