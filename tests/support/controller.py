@@ -110,6 +110,7 @@ class Stack:
     podman_socket: str
     ready_timeout: float = 20.0
     reconcile_interval: float = 0.5
+    controller_extra: str = ""  # more [controller] keys, TOML lines
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     sessiond_proc: subprocess.Popen[bytes] | None = None
     controller_proc: subprocess.Popen[bytes] | None = None
@@ -148,7 +149,8 @@ class Stack:
             f"port_range = [{self.port_base}, {self.port_base + 49}]\n"
             f"ready_timeout_seconds = {self.ready_timeout}\n"
             f"reconcile_interval_seconds = {self.reconcile_interval}\n"
-            "[podman]\n"
+            + self.controller_extra
+            + "[podman]\n"
             f'socket = "{podman_socket or self.podman_socket}"\n'
             + (f'[kubernetes]\nkubeconfig = "{kubeconfig}"\nnamespace = "edge"\n' if kubeconfig else "")
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -111,12 +112,14 @@ async def start_sessiond(
     peers: dict[str, str | dict[str, Any]] | None = None,
     loop: str = "auto",
     timeout: float = 60.0,
+    nofile: int | None = None,
     **options: Any,
 ) -> SessiondProcess:
     """Write ``directory/sessiond.toml`` and start ``cloudlet sessiond`` on it, on loopback.
 
     ``options`` are more ``[sessiond]`` keys (they override the defaults here: any free peer port,
     no metrics port). ``peers`` maps a name to a tcp address or a whole ``[peers.NAME]`` table.
+    ``nofile``: the daemon's descriptor limit (soft and hard), as a unit's ``LimitNOFILE=`` sets it.
     """
     directory.mkdir(parents=True, exist_ok=True)
     table: dict[str, Any] = {
@@ -132,8 +135,13 @@ async def start_sessiond(
     write_config(cfg, table, {n: peer_table(a) for n, a in (peers or {}).items()})
     log_path = directory / "sessiond.log"
     with open(log_path, "ab") as log:
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         proc = subprocess.Popen([sys.executable, "-m", "cloudlet", "sessiond", "--config", str(cfg), "--loop", loop],
-                                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                preexec_fn=limit if nofile is not None else None)
     sp = SessiondProcess(cloudlet, proc, str(table["control_socket"]), cfg, log_path)
     deadline = time.monotonic() + timeout
     while True:

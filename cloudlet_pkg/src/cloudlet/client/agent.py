@@ -28,6 +28,7 @@ from aiohttp import web
 
 from cloudlet.client import SessionClient, SessionRefused
 from cloudlet.common.addresses import parse_hostport
+from cloudlet.common.httpserver import HttpServer
 from cloudlet.common.logs import event, setup_logging
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class Agent:
     _local: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     _down: asyncio.Task[None] | None = None
     _switch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _runner: web.AppRunner | None = None
+    _control: HttpServer | None = None
 
     def _target_for(self, name: str) -> str:
         return "" if name == self.anchor else self.anchor
@@ -72,8 +73,8 @@ class Agent:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._control is not None:
+            await self._control.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(str(self.control_socket))
         if self._local is not None:
@@ -174,16 +175,12 @@ class Agent:
 
     # -- control socket ----------------------------------------------------------------------
     async def _start_control(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024)
         app.add_routes([web.get("/v1/status", self._h_status), web.post("/v1/switch", self._h_switch)])
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
+        self._control = HttpServer(app, "agent control socket")
         path = Path(str(self.control_socket))
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        await web.UnixSite(self._runner, str(path)).start()
-        os.chmod(path, 0o600)
+        await self._control.start_unix(str(path), mode=0o600)
 
     async def _h_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())

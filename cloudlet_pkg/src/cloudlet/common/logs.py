@@ -57,3 +57,33 @@ def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
     """Log ``msg`` with structured ``fields`` (kept as keys in JSON output)."""
     if logger.isEnabledFor(level):
         logger.log(level, msg, extra={"fields": fields})
+
+
+class Throttle:
+    """At most one log line per ``key`` per ``interval`` seconds; the ones held back are counted.
+
+    The first event of a key is logged at once; later ones within the interval only count, and the
+    next line logged for that key carries ``suppressed=N`` (how many were not logged since). Floods
+    of refusals therefore cost one line per interval, not one per connection.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, clock: Any = time.monotonic) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def event(self, level: int, msg: str, key: str, **fields: Any) -> bool:
+        """Log (True) or count (False) one occurrence."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            fields["suppressed"] = held
+        event(self.logger, level, msg, **fields)
+        return True

@@ -31,3 +31,26 @@ def raise_nofile_limit(want: int = 1 << 20) -> int:
         except (ValueError, OSError):
             continue
     return soft
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = 10.0) -> None:
+    """One log line per ``interval`` (with a count) for asyncio's "socket.accept() out of system
+    resource" errors, instead of a traceback per failed accept; other errors as before."""
+    import logging
+
+    from cloudlet.common.logs import Throttle
+
+    throttle = Throttle(logging.getLogger("cloudlet.accept"), interval)
+    previous = loop.get_exception_handler()
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            throttle.event(logging.ERROR, "out of descriptors: accepting paused for a second", "accept",
+                           error=str(context.get("exception")))
+            return
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cloudlet.common.jsonbody import loads_bounded
 from cloudlet.common.logs import event
 from cloudlet.common.names import InvalidName, check_name
 from cloudlet.controller.config import ControllerConfig
@@ -120,7 +120,7 @@ async def _json_body(request: web.Request) -> Any:
         raise ControllerError(400, "bad_request", "request body required (JSON object)")
     raw = await request.read()
     try:
-        return json.loads(raw)
+        return loads_bounded(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ControllerError(400, "bad_request", f"request body is not valid JSON: {exc}") from exc
 

@@ -75,6 +75,12 @@ class ControllerConfig(Section):
     runtime_events: bool = True
     event_debounce_seconds: Annotated[float, Field(ge=0, le=10)] = 0.05
     max_services: Annotated[int, Field(ge=1)] = 500
+    # the API under a flood (docs/controller.md); 0: derived from the descriptor limit
+    max_connections: Annotated[int, Field(ge=0)] = 0
+    max_pending_connections: Annotated[int, Field(ge=0)] = 0
+    max_pending_per_source: Annotated[int, Field(ge=0)] = 0
+    header_timeout_seconds: Positive = 10.0  # the first request head must arrive within this
+    keepalive_timeout_seconds: Positive = 15.0  # idle keep-alive connections are closed after this
     podman: PodmanConfig = Field(default_factory=PodmanConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
 

@@ -10,8 +10,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
-
+from cloudlet.common.admission import Admission, default_limits
+from cloudlet.common.httpserver import HttpServer
 from cloudlet.common.logs import event
 from cloudlet.controller.app import build_app
 from cloudlet.controller.config import ConfigError, ControllerConfig
@@ -59,7 +59,7 @@ class ControllerDaemon:
     runtime: Runtime | None = None
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
     manager: ServiceManager | None = None
-    _runner: web.AppRunner | None = None
+    _http: HttpServer | None = None
     address: tuple[str, int] | None = None
 
     async def start(self, reconcile: bool = True) -> None:
@@ -70,13 +70,17 @@ class ControllerDaemon:
         sessiond = SessiondClient(self.config.sessiond_socket)
         self.manager = ServiceManager(self.config, runtime, sessiond, secret, self.metrics)
         app = build_app(self.manager, token)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
+        cfg = self.config
+        auto_open, auto_pending, auto_source = default_limits()
+        max_open = cfg.max_connections or auto_open
+        max_pending = min(cfg.max_pending_connections or auto_pending, max_open)
+        admission = Admission("controller API", max_open, max_pending,
+                              min(cfg.max_pending_per_source or auto_source, max_pending))
+        self.metrics.watch_admission(admission)
+        self._http = HttpServer(app, "controller API", admission=admission, header_timeout=cfg.header_timeout_seconds,
+                                keepalive_timeout=cfg.keepalive_timeout_seconds)
         host, port = self.config.listen_host_port
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        bound = self._runner.addresses  # (host, port[, flow, scope]) of each listening socket
-        self.address = (str(bound[0][0]), int(bound[0][1])) if bound else (host, port)
+        self.address = await self._http.start_tcp(host, port)
         if reconcile:
             self.manager.start()
         event(log, logging.INFO, "controller listening", cloudlet=self.config.cloudlet,
@@ -92,9 +96,9 @@ class ControllerDaemon:
         if self.manager is not None:
             await self.manager.stop()
             await self.manager.sessiond.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
         if self.runtime is not None:
             await self.runtime.close()
         event(log, logging.INFO, "controller stopped", cloudlet=self.config.cloudlet)

@@ -11,6 +11,7 @@ from typing import Any
 
 from cloudlet.common import sdnotify
 from cloudlet.common.logs import setup_logging
+from cloudlet.common.loop import quiet_accept_errors, raise_nofile_limit
 from cloudlet.controller import config as config_mod
 
 
@@ -18,6 +19,7 @@ async def _run(cfg: config_mod.ControllerConfig) -> int:
     from cloudlet.controller.daemon import ControllerDaemon
 
     daemon = ControllerDaemon(cfg)
+    quiet_accept_errors(asyncio.get_running_loop())
     await daemon.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -50,6 +52,7 @@ def _cmd(args: argparse.Namespace) -> int:
                 raise config_mod.ConfigError(args.config, problems)
             print(f"config {args.config} is valid (cloudlet {cfg.cloudlet}, runtime {cfg.runtime})")
             return 0
+        raise_nofile_limit()
         return asyncio.run(_run(cfg))
     except config_mod.ConfigError as exc:
         print(f"cloudlet controller: {exc}", file=sys.stderr)

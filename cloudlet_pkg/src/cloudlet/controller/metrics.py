@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cloudlet.common.admission import Admission
+from cloudlet.common.admission_metrics import AdmissionCollector
+
 
 @dataclass
 class ControllerMetrics:
@@ -56,3 +59,7 @@ class ControllerMetrics:
             self.reconciles.labels(res)
         for trigger in ("start", "interval", "event", "resync"):
             self.reconcile_passes.labels(trigger)
+
+    def watch_admission(self, admission: Admission) -> None:
+        """Export the API's connection admission (open, pending, evicted, refused)."""
+        self.registry.register(AdmissionCollector(admission, {"listener": "api"}))

@@ -43,7 +43,7 @@ class ServerConnection(asyncio.Protocol):
     :class:`~cloudlet.relay.interfaces.ClientSide` those see.
     """
 
-    __slots__ = ("manager", "service", "transport", "parser", "timer", "sink", "lost", "task", "aid", "gate")
+    __slots__ = ("manager", "service", "transport", "parser", "timer", "sink", "lost", "task", "aid", "gate", "admitted")
 
     def __init__(self, manager: SessionManager, service: ServiceEntry | None) -> None:
         self.manager = manager
@@ -56,13 +56,27 @@ class ServerConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.aid = next(_AIDS)
         self.gate: ReadGate = None  # type: ignore[assignment]  # set in connection_made
+        self.admitted = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.gate = ReadGate(transport)  # type: ignore[arg-type]
+        admission = self.manager.admission_for(self.service is None)
+        peer = transport.get_extra_info("peername")
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if not admission.accept(self, source, self._evicted):
+            transport.abort()  # type: ignore[attr-defined]  # beyond max_connections: refused at once, counted, logged
+            return
+        self.admitted = True
         transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
         self.timer = self.manager.loop.call_later(self.manager.header_timeout, self._header_timeout)
+
+    def _evicted(self) -> None:
+        """The oldest pending connection gives way to a new one (a flood of header-less connections)."""
+        self.parser = None
+        self._cancel_timer()
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
@@ -81,6 +95,7 @@ class ServerConnection(asyncio.Protocol):
             return
         self.parser = None
         self._cancel_timer()
+        self.manager.admission_for(self.service is None).started(self)
         self.gate.pause(DISPATCH)
         header, rest = result
         self.task = self.manager.loop.create_task(self._dispatch(header, rest))
@@ -100,6 +115,9 @@ class ServerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._cancel_timer()
+        if self.admitted:
+            self.admitted = False
+            self.manager.admission_for(self.service is None).closed(self)
         if self.sink is not None:
             self.sink.client_lost(self)
 
@@ -159,8 +177,9 @@ class ServerConnection(asyncio.Protocol):
 
     def refuse(self, status: Status, message: str, session: str | None = None) -> None:
         self.manager.metrics.refusals.labels(status.name).inc()
-        event(log, logging.INFO, "connection refused", code=status.name, reason=message, session=session,
-              service=self.service.name if self.service else None, peer_endpoint=self.service is None)
+        self.manager.refusal_log.event(logging.INFO, "connection refused", status.name, code=status.name, reason=message,
+                                       session=session, service=self.service.name if self.service else None,
+                                       peer_endpoint=self.service is None)
         if not self.transport.is_closing():
             self.transport.write(encode_reply(status, message))
             self.transport.close()

@@ -8,7 +8,8 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
-from cloudlet.common.logs import event
+from cloudlet.common.admission import Admission, default_limits
+from cloudlet.common.logs import Throttle, event
 from cloudlet.protocol import credentials
 from cloudlet.protocol.wire import Status
 from cloudlet.relay.core import ATTACHED, CONNECTING, DETACHED, ENDED, Refused, SessionCore
@@ -76,6 +77,8 @@ class SessionManager:
         backend_connect_timeout: float = 5.0,
         connector: Any = None,
         splice_threshold: int | None = 1 << 20,
+        admission: Admission | None = None,
+        peer_admission: Admission | None = None,
     ) -> None:
         self.cloudlet = cloudlet
         self.secret = secret
@@ -94,6 +97,15 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self.forwards: set[Forwarded] = set()
         self.tombstones = Tombstones(max(10_000, max_sessions))
+        max_open, max_pending, per_source = default_limits()
+        # service ports and the peer endpoint are bounded apart: a flood on the first cannot evict
+        # peers' channels (which all come from the local sshd, one source address)
+        self.admission = admission or Admission("sessiond service ports", max_open, max_pending, per_source)
+        self.peer_admission = peer_admission or Admission("sessiond peer endpoint", max_open, max_pending, max_pending)
+        self.refusal_log = Throttle(log, 10.0)
+
+    def admission_for(self, peer_endpoint: bool) -> Admission:
+        return self.peer_admission if peer_endpoint else self.admission
 
     # -- credentials -------------------------------------------------------------------------
     def check(self, token: str, service: str | None) -> credentials.Credential:

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from cloudlet.common.admission import Admission
+from cloudlet.common.admission_metrics import AdmissionCollector
+
 
 @dataclass
 class SessiondMetrics:
@@ -40,3 +43,7 @@ class SessiondMetrics:
             self.bytes.labels(d)
         for d in ("in", "out"):
             self.handovers.labels(d)
+
+    def watch_admission(self, listener: str, admission: Admission) -> None:
+        """Export one admission's state: open and pending connections, evictions and refusals."""
+        self.registry.register(AdmissionCollector(admission, {"listener": listener}))

@@ -10,6 +10,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cloudlet.common.addresses import format_address
+from cloudlet.common.jsonbody import loads_bounded
 from cloudlet.protocol import credentials
 from cloudlet.relay.interfaces import ServiceEntry
 from cloudlet.relay.manager import SessionManager
@@ -103,9 +104,9 @@ async def _h_service_get(request: web.Request) -> web.Response:
 async def _h_service_put(request: web.Request) -> web.Response:
     d, _ = _daemon(request)
     try:
-        body = await request.json()
-    except ValueError:
-        raise ApiError(400, "bad_request", "body must be a JSON object") from None
+        body = loads_bounded(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_request", f"body must be a JSON object: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "body must be a JSON object")
     unknown = set(body) - {"backend", "port", "listen"}

@@ -55,6 +55,10 @@ class SessiondConfig(Section):
     backend_connect_timeout_seconds: Positive = 5.0
     peer_connect_timeout_seconds: Positive = 3.0
     splice_threshold_bytes: int = 1048576  # < 0: never splice
+    # connection admission (docs/sessiond.md); 0: derived from the descriptor limit
+    max_connections: Annotated[int, Field(ge=0)] = 0
+    max_pending_connections: Annotated[int, Field(ge=0)] = 0
+    max_pending_per_source: Annotated[int, Field(ge=0)] = 0
     log_level: LOG_LEVELS = "info"
     log_format: Literal["json", "text"] = "json"
     peers: dict[Name, Peer] = Field(default_factory=dict)

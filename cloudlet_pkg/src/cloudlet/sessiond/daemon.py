@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import generate_latest
 
 from cloudlet.common.addresses import format_address, parse_hostport
+from cloudlet.common.admission import Admission, default_limits
+from cloudlet.common.httpserver import HttpServer
 from cloudlet.common.logs import event
 from cloudlet.common.names import NAME_RULE, is_name
 from cloudlet.protocol import credentials
@@ -53,7 +54,7 @@ class Sessiond:
         self.metrics = SessiondMetrics()
         self.manager: SessionManager | None = None
         self.peer_server: asyncio.AbstractServer | None = None
-        self._runners: list[web.AppRunner] = []
+        self._http: list[HttpServer] = []
         self.peer_address: tuple[str, int] | None = None
         self.metrics_address: tuple[str, int] | None = None
         self._lock = asyncio.Lock()
@@ -72,6 +73,10 @@ class Sessiond:
         hook = getattr(connector, "metrics", None)
         if hook is not None:
             hook(self.metrics.registry)
+        auto_open, auto_pending, auto_source = default_limits()
+        max_open = cfg.max_connections or auto_open
+        max_pending = min(cfg.max_pending_connections or auto_pending, max_open)
+        per_source = min(cfg.max_pending_per_source or auto_source, max_pending)
         self.manager = SessionManager(
             cloudlet=cfg.cloudlet, secret=secret, metrics=self.metrics,
             grace_seconds=float(cfg.grace_seconds), buffer_bytes=int(cfg.buffer_bytes),
@@ -80,7 +85,11 @@ class Sessiond:
             credential_lifetime=float(cfg.credential_lifetime_seconds),
             backend_connect_timeout=float(cfg.backend_connect_timeout_seconds), connector=connector,
             splice_threshold=None if int(cfg.splice_threshold_bytes) < 0 else int(cfg.splice_threshold_bytes),
+            admission=Admission("sessiond service ports", max_open, max_pending, per_source),
+            peer_admission=Admission("sessiond peer endpoint", max_open, max_pending, max_pending),
         )
+        self.metrics.watch_admission("service", self.manager.admission)
+        self.metrics.watch_admission("peer", self.manager.peer_admission)
         start = getattr(connector, "start", None)
         if start is not None:
             await start()
@@ -107,9 +116,9 @@ class Sessiond:
             self.manager.end_all()
         if self.peer_server is not None:
             self.peer_server.close()
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners.clear()
+        for server in self._http:
+            await server.close()
+        self._http.clear()
         if self._connector is not None:
             await self._connector.close()
         with contextlib.suppress(FileNotFoundError):
@@ -188,27 +197,17 @@ class Sessiond:
 
     # -- control API and metrics endpoint (cloudlet.sessiond.api) -------------------------------
     async def _start_control(self) -> None:
-        runner = web.AppRunner(build_control_app(self), access_log=None)
-        await runner.setup()
+        server = HttpServer(build_control_app(self), "sessiond control API")
         path = Path(self.config.control_socket)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        site = web.UnixSite(runner, str(path))
-        await site.start()
-        os.chmod(path, 0o660)
-        self._runners.append(runner)
+        await server.start_unix(str(path))
+        self._http.append(server)
 
     async def _start_metrics(self) -> None:
-        runner = web.AppRunner(build_metrics_app(self), access_log=None)
-        await runner.setup()
+        server = HttpServer(build_metrics_app(self), "sessiond metrics")
         host, port = parse_hostport(self.config.metrics_listen, "metrics_listen")
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
-        if runner.addresses:
-            host, port = runner.addresses[0][:2]
-            self.metrics_address = (str(host), int(port))
-        self._runners.append(runner)
+        self.metrics_address = await server.start_tcp(host, port)
+        self._http.append(server)
 
     def peers_status(self) -> list[dict[str, Any]]:
         status = getattr(self._connector, "status", None)

@@ -13,7 +13,7 @@ from typing import Any
 from cloudlet.common import sdnotify
 from cloudlet.common.config import ConfigError
 from cloudlet.common.logs import event, setup_logging
-from cloudlet.common.loop import raise_nofile_limit, use_fast_loop
+from cloudlet.common.loop import quiet_accept_errors, raise_nofile_limit, use_fast_loop
 from cloudlet.protocol import credentials
 from cloudlet.sessiond.config import SessiondConfig
 from cloudlet.sessiond.daemon import Sessiond
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 async def serve(config: SessiondConfig, ready_fd: int | None = None) -> None:
     daemon = Sessiond(config)
-    await daemon.start()
     loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop)
+    await daemon.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

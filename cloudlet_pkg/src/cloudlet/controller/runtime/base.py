@@ -135,7 +135,8 @@ class ServiceSpec:
         port = body.get("port")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
             raise SpecError("port must be an integer 1..65535 (the container port of the service)")
-        env_in = body.get("env") or {}
+        env_in = body.get("env")
+        env_in = {} if env_in is None else env_in
         if not isinstance(env_in, dict) or len(env_in) > MAX_ENV:
             raise SpecError(f"env must be an object of at most {MAX_ENV} string values")
         env: list[tuple[str, str]] = []
@@ -145,7 +146,8 @@ class ServiceSpec:
             if not isinstance(value, str) or len(value) > MAX_ENV_VALUE:
                 raise SpecError(f"env {key} must be a string of at most {MAX_ENV_VALUE} chars")
             env.append((key, value))
-        limits_in = body.get("limits") or {}
+        limits_in = body.get("limits")
+        limits_in = {} if limits_in is None else limits_in  # ([] or "" are errors, not "no limits")
         if not isinstance(limits_in, dict) or set(limits_in) - {"cpus", "memory_mb"}:
             raise SpecError("limits must be an object with optional cpus and memory_mb")
         cpus = limits_in.get("cpus")
