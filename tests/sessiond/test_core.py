@@ -113,6 +113,11 @@ CASES: list[tuple[str, Any, Any, list[str], dict[str, Any]]] = [
     ("grace expiry ends a detached session", lambda: _detached_with(b""), lambda k: k.grace_expired(),
      ["CancelTimer(grace)", "CloseBackend()", "Ended(grace_expired)"], {"state": c.ENDED, "held": None}),
     ("a late grace timer leaves an attached session alone", attached, lambda k: k.grace_expired(), [], {"state": c.ATTACHED}),
+    ("a spent held-bytes budget pauses a detached backend", lambda: _detached_with(b"x"), lambda k: k.budget(True),
+     ["ReadBackend(False)"], {"budget_paused": True, "backend_reading": False}),
+    ("the budget back: the backend is read again", lambda: _budget_paused(), lambda k: k.budget(False),
+     ["ReadBackend(True)"], {"budget_paused": False}),
+    ("the budget does not pause an attached session", attached, lambda k: k.budget(True), [], {"backend_reading": True}),
     ("a full client pauses the backend", attached, lambda k: k.client_write_pressure(1, True), ["ReadBackend(False)"],
      {"backend_reading": False}),
     ("a full backend pauses the client and a draining one", draining, lambda k: k.backend_write_pressure(True),
@@ -135,6 +140,12 @@ def _detached_with(data: bytes) -> SessionCore:
     core.client_gone(1, fin=True)
     if data:
         core.hold(data)
+    return core
+
+
+def _budget_paused() -> SessionCore:
+    core = _detached_with(b"x")
+    core.budget(True)
     return core
 
 

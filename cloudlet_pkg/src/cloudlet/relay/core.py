@@ -206,6 +206,7 @@ class SessionCore:
     client_write_paused: bool = False  # the attached connection's write buffer is full
     backend_write_paused: bool = False  # the backend's write buffer is full
     backend_reading: bool = True  # what the shell was last told (ReadBackend)
+    budget_paused: bool = False  # the sessiond's budget for held bytes is spent: hold no more
     ring: ReplayRing | None = None  # mode 2: backend bytes written to clients, for replay
 
     def __post_init__(self) -> None:
@@ -431,7 +432,16 @@ class SessionCore:
     def should_read_backend(self) -> bool:
         if self.client is not None:
             return not self.client_write_paused
+        if self.budget_paused:
+            return False
         return self.held is None or len(self.held) < self.buffer_bytes
+
+    def budget(self, paused: bool) -> Plan:
+        """The sessiond-wide budget for held bytes was spent (``paused``) or is available again."""
+        self.budget_paused = paused
+        plan: Plan = []
+        self._update_backend_reading(plan)
+        return plan
 
     # -- serialisation -------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
@@ -446,7 +456,7 @@ class SessionCore:
             "backend_eof": self.backend_eof, "up_start": self.up_start, "up_skip": self.up_skip,
             "draining_skip": self.draining_skip,
             "client_write_paused": self.client_write_paused, "backend_write_paused": self.backend_write_paused,
-            "backend_reading": self.backend_reading,
+            "backend_reading": self.backend_reading, "budget_paused": self.budget_paused,
             "ring": None if ring is None else {"start": ring.start, "data": ring.since(ring.start) or b""},
         }
 

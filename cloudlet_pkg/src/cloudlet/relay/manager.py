@@ -79,6 +79,7 @@ class SessionManager:
         splice_threshold: int | None = 1 << 20,
         admission: Admission | None = None,
         peer_admission: Admission | None = None,
+        held_budget: int = 256 << 20,
     ) -> None:
         self.cloudlet = cloudlet
         self.secret = secret
@@ -103,6 +104,9 @@ class SessionManager:
         self.admission = admission or Admission("sessiond service ports", max_open, max_pending, per_source)
         self.peer_admission = peer_admission or Admission("sessiond peer endpoint", max_open, max_pending, max_pending)
         self.refusal_log = Throttle(log, 10.0)
+        self.held_budget = held_budget  # backend bytes all detached sessions together may hold
+        self.held_total = 0
+        self.budget_paused: set[Session] = set()
 
     def admission_for(self, peer_endpoint: bool) -> Admission:
         return self.peer_admission if peer_endpoint else self.admission
@@ -192,7 +196,24 @@ class SessionManager:
         s.end(reason)
         return True
 
+    def held_changed(self, s: Session, delta: int) -> None:
+        """A session's held bytes changed: apply the budget (back-pressure, with hysteresis)."""
+        self.held_total += delta
+        if self.held_total >= self.held_budget and s.core.client is None and s not in self.budget_paused:
+            if not self.budget_paused:
+                self.metrics.held_budget_reached.inc()
+                event(log, logging.WARNING, "held bytes budget spent: detached sessions' backends paused",
+                      held=self.held_total, budget=self.held_budget)
+            self.budget_paused.add(s)
+            s.budget(True)
+        elif self.budget_paused and self.held_total < self.held_budget * 0.9:
+            waiting, self.budget_paused = self.budget_paused, set()
+            for other in waiting:
+                if other.state != ENDED:
+                    other.budget(False)
+
     def session_ended(self, s: Session, reason: str) -> None:
+        self.budget_paused.discard(s)
         if self.sessions.get(s.id) is s:
             del self.sessions[s.id]
         self.tombstones.add(s.id, s.core.issued + self.credential_lifetime)
@@ -247,6 +268,7 @@ class SessionManager:
         for k, v in states.items():
             self.metrics.sessions.labels(k).set(v)
         self.metrics.buffered.set(buffered)
+        self.metrics.held_budget.set(self.held_budget)
         self.metrics.services.set(len(self.services))
 
     def service_sessions(self, entry: ServiceEntry) -> int:

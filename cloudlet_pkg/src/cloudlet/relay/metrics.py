@@ -37,6 +37,11 @@ class SessiondMetrics:
                                       "Backend bytes written again to a resumable session's new connection (mode 2)",
                                       registry=r)
         self.buffered = Gauge("cloudlet_buffered_bytes", "Backend bytes held for detached sessions", registry=r)
+        self.held_budget = Gauge("cloudlet_held_budget_bytes",
+                                 "Backend bytes all detached sessions together may hold (held_bytes_budget)", registry=r)
+        self.held_budget_reached = Counter(
+            "cloudlet_held_budget_reached", "Times the held-bytes budget was spent and detached backends were paused",
+            registry=r)
         for s in ("attached", "detached", "forwarded"):
             self.sessions.labels(s)
         for d in ("up", "down"):

@@ -43,6 +43,8 @@ class SessionHost(Protocol):
 
     def count_bytes(self, s: Any) -> None: ...
 
+    def held_changed(self, session: Session, delta: int) -> None: ...
+
 
 class UpstreamProtocol(asyncio.Protocol):
     """The session's connection to the backend; lives as long as the session."""
@@ -81,7 +83,7 @@ class Session:
     """One session at the anchor (see the module docstring)."""
 
     __slots__ = ("core", "service", "host", "since", "upstream", "attached", "draining", "joining", "grace_timer",
-                 "drain_timer", "splice", "ready", "splice_up", "splice_down", "counted_up", "counted_down")
+                 "drain_timer", "splice", "ready", "splice_up", "splice_down", "counted_up", "counted_down", "held_seen")
 
     def __init__(self, core: SessionCore, service: ServiceEntry, host: SessionHost) -> None:
         self.core = core
@@ -100,6 +102,7 @@ class Session:
         self.splice_down: float = float("inf")
         self.counted_up = 0  # bytes already added to the metrics
         self.counted_down = 0
+        self.held_seen = 0  # held bytes last reported to the host (its budget)
 
     # -- read-only views -----------------------------------------------------------------------
     @property
@@ -208,6 +211,16 @@ class Session:
 
     # -- carrying out a plan -------------------------------------------------------------------
     def _run(self, plan: c.Plan) -> None:
+        self._execute(plan)
+        held = self.core.buffered
+        if held != self.held_seen:
+            delta, self.held_seen = held - self.held_seen, held
+            self.host.held_changed(self, delta)
+
+    def budget(self, paused: bool) -> None:
+        self._run(self.core.budget(paused))
+
+    def _execute(self, plan: c.Plan) -> None:
         released: dict[int, ClientSide] = {}
         for cmd in plan:
             if isinstance(cmd, c.Send):

@@ -48,6 +48,7 @@ class SessiondConfig(Section):
     metrics_listen: str = "127.0.0.1:9701"
     grace_seconds: Positive = 30.0
     buffer_bytes: Annotated[int, Field(ge=1024)] = 1048576
+    held_bytes_budget: Annotated[int, Field(ge=1024)] = 268435456  # all detached sessions together
     replay_bytes: Annotated[int, Field(ge=0)] = 2097152  # 0: resumable sessions replay nothing
     max_sessions: Annotated[int, Field(ge=1)] = 100000
     header_timeout_seconds: Positive = 5.0

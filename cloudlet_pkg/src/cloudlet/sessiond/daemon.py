@@ -87,6 +87,7 @@ class Sessiond:
             splice_threshold=None if int(cfg.splice_threshold_bytes) < 0 else int(cfg.splice_threshold_bytes),
             admission=Admission("sessiond service ports", max_open, max_pending, per_source),
             peer_admission=Admission("sessiond peer endpoint", max_open, max_pending, max_pending),
+            held_budget=int(cfg.held_bytes_budget),
         )
         self.metrics.watch_admission("service", self.manager.admission)
         self.metrics.watch_admission("peer", self.manager.peer_admission)
