@@ -241,7 +241,7 @@ async def test_agent_from_the_device_venv_carries_a_program(device_venv: Path, m
         a = await make_sessiond("a")
         entry, _ = await a.put_service("echo", echo.address)
         cred = tmp_path / "cred"
-        cred.write_text(credentials.issue(SECRET, "echo").token)
+        cred.write_text(credentials.issue(SECRET, "echo", "a").token)
         agent = await asyncio.create_subprocess_exec(
             str(device_venv / "bin" / "cloudlet"), "agent", "run", "--listen", "127.0.0.1:0",
             "--cloudlet", f"a=127.0.0.1:{entry.port}", "--credential-file", str(cred),

@@ -91,9 +91,17 @@ async def test_unknown_and_unavailable_peers_fail_fast(make_sessiond, backend: B
     for target, status in (("zz", Status.UNKNOWN_PEER), ("a", Status.PEER_UNAVAILABLE)):
         started = time.monotonic()
         with pytest.raises(SessionRefused) as err:
-            await SessionClient("127.0.0.1", entry.port, issue("svc"), target).open()
+            await SessionClient("127.0.0.1", entry.port, issue("svc", anchor=target), target).open()
         assert err.value.status == status
         assert time.monotonic() - started < 5
+    # only the credential's anchor may be the target, and only the anchor starts the session
+    with pytest.raises(SessionRefused) as err:
+        await SessionClient("127.0.0.1", entry.port, issue("svc", anchor="a"), "zz").open()
+    assert err.value.status == Status.BAD_TARGET and "anchored at cloudlet 'a'" in str(err.value)
+    with pytest.raises(SessionRefused) as err:
+        await SessionClient("127.0.0.1", entry.port, issue("svc", anchor="a")).open()  # local target on b
+    assert err.value.status == Status.WRONG_ANCHOR and "connect with target 'a'" in str(err.value)
+    assert not b.manager.sessions  # b never started a session of a's
 
 
 async def test_peer_endpoint_refuses_chains_and_checks_credentials(make_sessiond, backend: Backend) -> None:
@@ -261,7 +269,7 @@ async def test_silent_peer_is_refused_in_bounded_time(make_sessiond, backend: Ba
     b = await make_sessiond("b", header_timeout_seconds=0.5, backend_connect_timeout_seconds=0.5,
                             peers={"a": {"transport": "tcp", "address": "127.0.0.1:%d" % srv.sockets[0].getsockname()[1]}})
     entry, _ = await b.put_service("svc", backend.address)
-    other = SessionClient("127.0.0.1", entry.port, issue("svc"))
+    other = SessionClient("127.0.0.1", entry.port, issue("svc", anchor="b"))
     started = time.monotonic()
     pending = asyncio.create_task(SessionClient("127.0.0.1", entry.port, issue("svc"), "a").open())
     await other.open()  # the hung forward does not hold up local sessions
@@ -283,8 +291,8 @@ async def test_refused_handover_leaves_the_old_connection_working(make_sessiond,
     be = await backend.next_conn()
     old_writer = client.writer
     with pytest.raises(SessionRefused) as err:
-        await client.handover("127.0.0.1", ports["b"], target="zz")  # b has no peer zz
-    assert err.value.status == Status.UNKNOWN_PEER
+        await client.handover("127.0.0.1", ports["b"], target="zz")  # not this session's anchor
+    assert err.value.status == Status.BAD_TARGET
     assert client.writer is old_writer and (client.host, client.port, client.target) == ("127.0.0.1", ports["a"], "")
     be.writer.write(b"still-here")
     assert await asyncio.wait_for(client.recv_exactly(10), 5) == b"still-here"

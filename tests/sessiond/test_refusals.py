@@ -31,7 +31,7 @@ async def test_bad_headers_and_credentials_are_refused_without_harming_others(ma
     victim = SessionClient("127.0.0.1", port, issue("svc"))
     await victim.open()
     fixed = lambda **kw: HEADER_FIXED.pack(MAGIC, kw.get("v", 1), kw.get("mode", 0), 1, 0, kw.get("cred", 10), 0)  # noqa: E731
-    forged = credentials.issue(b"not-the-fleet-secret-at-all", "svc").token
+    forged = credentials.issue(b"not-the-fleet-secret-at-all", "svc", "a").token
     cases = [
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", {}, Status.BAD_HEADER),  # malformed
         (fixed(cred=5000), {}, Status.BAD_HEADER),  # oversized
@@ -41,7 +41,7 @@ async def test_bad_headers_and_credentials_are_refused_without_harming_others(ma
         (encode_header(forged), {}, Status.BAD_CREDENTIAL),  # guessed / foreign
         (encode_header("v1.svc.1700000000.AAAAAAAAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAA"), {}, Status.BAD_CREDENTIAL),
         (encode_header(issue("other")), {}, Status.WRONG_SERVICE),
-        (encode_header(credentials.issue(SECRET, "svc", time.time() - 7200).token), {}, Status.EXPIRED),
+        (encode_header(credentials.issue(SECRET, "svc", "a", time.time() - 7200).token), {}, Status.EXPIRED),
         (encode_header(issue("svc"), "Not A Name!"), {}, Status.BAD_TARGET),
     ]
     for payload, kw, status in cases:

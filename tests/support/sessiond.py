@@ -22,8 +22,9 @@ from cloudlet_bench.harness.sessiond import SessiondProcess, control, start_sess
 SECRET = b"cloudlet-test-fleet-secret-0123456789"
 
 
-def issue(service: str, now: float | None = None) -> str:
-    return credentials.issue(SECRET, service, now).token
+def issue(service: str, now: float | None = None, anchor: str = "a") -> str:
+    """A credential of the test fleet for ``service``, anchored at cloudlet ``anchor``."""
+    return credentials.issue(SECRET, service, anchor, now).token
 
 
 @dataclass

@@ -84,7 +84,7 @@ async def test_handover_a_b_c_over_ssh_tunnels_every_byte_checked(bed: Bed) -> N
     for name in ("b", "c"):
         p = await wait_peer(bed, name, "a", "up")
         assert p["transport"] == "ssh" and p["cipher"] == "aes128-gcm@openssh.com"
-    cred = credentials.issue(SECRET, "echo").token
+    cred = credentials.issue(SECRET, "echo", "a").token
     hosts = {n: bed.nodes[n].address for n in CLOUDLETS}
     out = await asyncio.to_thread(run_device, bed, json.dumps({"hosts": hosts, "port": SERVICE_PORT, "credential": cred}))
     assert out.returncode == 0, out.stderr + "\n".join(bed.nodes[n].log()[-2000:] for n in CLOUDLETS)
@@ -104,7 +104,7 @@ async def test_handover_a_b_c_over_ssh_tunnels_every_byte_checked(bed: Bed) -> N
     assert status == 200 and body["sessions"] == []
 
     # a's sshd dies: b refuses a forwarded attach fast with PEER_UNAVAILABLE; back up -> works again
-    cred2 = credentials.issue(SECRET, "echo").token
+    cred2 = credentials.issue(SECRET, "echo", "a").token
     a_sshd = bed.nodes["a"].sshd
     assert a_sshd is not None
     a_sshd.kill()

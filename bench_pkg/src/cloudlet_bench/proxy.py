@@ -245,7 +245,7 @@ async def idle_sessions(fleet: Fleet, sd: Any, count: int) -> float:
 
     async def one() -> None:
         r, w = await asyncio.open_connection("127.0.0.1", port)
-        w.write(encode_header(fleet.credential("idle")))
+        w.write(encode_header(fleet.credential("idle", "bench")))
         data = await r.readexactly(REPLY_FIXED.size)
         _, _, status, _, mlen = REPLY_FIXED.unpack(data)
         msg = await r.readexactly(mlen) if mlen else b""
@@ -299,15 +299,15 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.rounds):  # interleaved, so a load spike hits all three alike
             rates["direct"].append(await asyncio.to_thread(throughput, sink.port, sink, nbytes))
             rates["socat"].append(await asyncio.to_thread(throughput, socat_sink_port, sink, nbytes))
-            rates["session"].append(await asyncio.to_thread(throughput, sink_svc, sink, nbytes, fleet.credential("sink")))
+            rates["session"].append(await asyncio.to_thread(throughput, sink_svc, sink, nbytes, fleet.credential("sink", "bench")))
             rates["down_direct"].append(await asyncio.to_thread(download, source_port, nbytes))
-            rates["down_session"].append(await asyncio.to_thread(download, source_svc, nbytes, fleet.credential("source")))
+            rates["down_session"].append(await asyncio.to_thread(download, source_svc, nbytes, fleet.credential("source", "bench")))
             rates["down_resumable"].append(await asyncio.to_thread(
-                download, source_svc, nbytes, fleet.credential("source"), Mode.RESUMABLE))
+                download, source_svc, nbytes, fleet.credential("source", "bench"), Mode.RESUMABLE))
         lat = {
             "direct": await asyncio.to_thread(pingpong, sink.echo_port, args.pings),
             "socat": await asyncio.to_thread(pingpong, socat_echo_port, args.pings),
-            "session": await asyncio.to_thread(pingpong, echo_svc, args.pings, fleet.credential("echo")),
+            "session": await asyncio.to_thread(pingpong, echo_svc, args.pings, fleet.credential("echo", "bench")),
         }
         idle_kib = await idle_sessions(fleet, sd, idle) if idle else None
         best = {k: max(v) for k, v in rates.items()}

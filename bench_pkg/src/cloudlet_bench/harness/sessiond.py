@@ -170,8 +170,8 @@ class Fleet:
         self.secret_file.write_bytes(self.secret)
         self.daemons: list[SessiondProcess] = []
 
-    def credential(self, service: str) -> str:
-        return credentials.issue(self.secret, service).token
+    def credential(self, service: str, anchor: str = "a") -> str:
+        return credentials.issue(self.secret, service, anchor).token
 
     async def start(self, name: str, peers: dict[str, str | dict[str, Any]] | None = None, loop: str = "auto",
                     **options: Any) -> SessiondProcess:

@@ -59,8 +59,12 @@ class _Guard(asyncio.Protocol):
         peer = t.get_extra_info("peername")
         source = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
         if not self.server.admission.accept(self, source, self._evict):
+            # answer, send FIN, and read until the client closes (bounded): closing at once with the
+            # request unread would reset the connection and lose the answer
             t.write(overloaded_response(f"{self.server.admission.name}: too many connections; retry"))
-            t.close()
+            if t.can_write_eof():
+                t.write_eof()
+            self.timer = asyncio.get_running_loop().call_later(2.0, t.abort)
             return
         self.admitted = True
         self.timer = asyncio.get_running_loop().call_later(self.server.header_timeout, self._head_timeout)
@@ -68,6 +72,8 @@ class _Guard(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return  # a refused connection's request: ignored
         if self.timer is not None:
             if HEAD_END in self.tail + data:
                 self.timer.cancel()
@@ -80,7 +86,11 @@ class _Guard(asyncio.Protocol):
             self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None
+        if self.inner is None:  # a refused connection: the client read the answer and closed
+            if self.transport is not None:
+                self.transport.close()
+            return None
+        return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:

@@ -231,7 +231,7 @@ class ServiceManager:
         inst = await self.get(name)
         if inst is None:
             raise ControllerError(404, "not_found", f"no service {name} on cloudlet {self.config.cloudlet}")
-        cred = credentials.issue(self.secret, name)
+        cred = credentials.issue(self.secret, name, self.config.cloudlet)
         self.metrics.sessions_issued.inc()
         return cred, inst
 

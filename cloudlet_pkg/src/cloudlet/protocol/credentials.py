@@ -1,8 +1,10 @@
-"""Session credentials: unguessable, bound to one service, checked without shared state.
+"""Session credentials: unguessable, bound to one service and one anchor, checked without shared state.
 
-Format (docs/architecture.md): ``v1.<service>.<issued>.<nonce>.<mac>`` where ``mac`` is the first
-16 bytes of HMAC-SHA256(fleet secret, ``v1.<service>.<issued>.<nonce>``), base64url without padding.
-The controller issues credentials; every sessiond of the fleet verifies them with the same secret.
+Format (docs/architecture.md): ``v2.<service>.<anchor>.<issued>.<nonce>.<mac>`` where ``mac`` is the
+first 16 bytes of HMAC-SHA256(fleet secret, ``v2.<service>.<anchor>.<issued>.<nonce>``), base64url
+without padding. The controller of cloudlet ``anchor`` issues it; every sessiond of the fleet
+verifies it with the same secret, and only the anchor ever starts a session with it (others forward
+to the anchor), so the anchor alone decides whether its session lives or has ended.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from cloudlet.common.names import is_name
 
-VERSION = "v1"
+VERSION = "v2"
 MAX_CREDENTIAL_LEN = 160
 _B64 = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch
 
@@ -41,6 +43,7 @@ class Refusal(Enum):
 @dataclass(frozen=True, slots=True)
 class Credential:
     service: str
+    anchor: str  # the cloudlet where the session lives (the issuing controller's)
     issued: int
     nonce: str
     token: str
@@ -67,30 +70,41 @@ def load_secret(path: str | Path) -> bytes:
     return data
 
 
-def issue(secret: bytes, service: str, now: float | None = None) -> Credential:
-    """Make a new credential for ``service`` (called by the controller)."""
+def issue(secret: bytes, service: str, anchor: str, now: float | None = None) -> Credential:
+    """Make a new credential for ``service`` anchored at cloudlet ``anchor`` (called by its controller)."""
     if not is_name(service):
         raise ValueError(f"invalid service name {service!r}")
+    if not is_name(anchor):
+        raise ValueError(f"invalid anchor cloudlet name {anchor!r}")
     issued = int(time.time() if now is None else now)
     nonce = _b64(secrets.token_bytes(16))
-    body = f"{VERSION}.{service}.{issued}.{nonce}"
-    return Credential(service, issued, nonce, f"{body}.{_mac(secret, body)}")
+    body = f"{VERSION}.{service}.{anchor}.{issued}.{nonce}"
+    return Credential(service, anchor, issued, nonce, f"{body}.{_mac(secret, body)}")
+
+
+def anchor_of(token: str) -> str | None:
+    """The anchor a token names, read without the secret (for clients choosing a target); None if malformed."""
+    parts = token.split(".")
+    return parts[2] if len(parts) == 6 and parts[0] == VERSION and is_name(parts[2]) else None
 
 
 def parse(secret: bytes, token: str) -> Credential:
-    """Check the MAC and syntax of ``token``; no service or lifetime check."""
+    """Check the MAC and syntax of ``token``; no service, anchor or lifetime check."""
     if len(token) > MAX_CREDENTIAL_LEN:
         raise CredentialError(Refusal.BAD_CREDENTIAL, "credential too long")
     parts = token.split(".")
-    if len(parts) != 5 or parts[0] != VERSION:
-        raise CredentialError(Refusal.BAD_CREDENTIAL, "not a v1 session credential")
-    _, service, issued_s, nonce, mac = parts
-    if not is_name(service) or not issued_s.isascii() or not issued_s.isdigit() or not _B64.fullmatch(nonce) or not _B64.fullmatch(mac):
+    if parts and parts[0] == "v1":
+        raise CredentialError(Refusal.BAD_CREDENTIAL, "a v1 credential (no anchor): ask the controller for a new one")
+    if len(parts) != 6 or parts[0] != VERSION:
+        raise CredentialError(Refusal.BAD_CREDENTIAL, "not a v2 session credential")
+    _, service, anchor, issued_s, nonce, mac = parts
+    if (not is_name(service) or not is_name(anchor) or not issued_s.isascii() or not issued_s.isdigit()
+            or not _B64.fullmatch(nonce) or not _B64.fullmatch(mac)):
         raise CredentialError(Refusal.BAD_CREDENTIAL, "malformed session credential")
-    body = f"{VERSION}.{service}.{issued_s}.{nonce}"
+    body = f"{VERSION}.{service}.{anchor}.{issued_s}.{nonce}"
     if not hmac.compare_digest(_mac(secret, body), mac):
         raise CredentialError(Refusal.BAD_CREDENTIAL, "session credential not issued by this fleet")
-    return Credential(service, int(issued_s), nonce, token)
+    return Credential(service, anchor, int(issued_s), nonce, token)
 
 
 def verify(

@@ -91,6 +91,8 @@ class Status(IntEnum):
     BAD_TARGET = 14
     INTERNAL = 15
     REPLAY_UNAVAILABLE = 16
+    WRONG_ANCHOR = 17  # only the credential's anchor starts its session: name the anchor as the target
+    SESSION_LOST = 18  # the anchor started this session before a restart and no longer holds its state
 
 
 class ProtocolError(Exception):

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import socket
+import struct
 from typing import Any
 
 from cloudlet.common.logs import event
@@ -33,6 +34,8 @@ from cloudlet.relay.manager import SessionManager
 log = logging.getLogger(__name__)
 
 _AIDS = itertools.count(1)
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_OFF = struct.pack("ii", 0, 0)
 
 
 class ServerConnection(asyncio.Protocol):
@@ -69,8 +72,24 @@ class ServerConnection(asyncio.Protocol):
             transport.abort()  # type: ignore[attr-defined]  # beyond max_connections: refused at once, counted, logged
             return
         self.admitted = True
+        self._linger(True)  # a close that is not close() (abort, a crash of this process) is a reset
         transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
         self.timer = self.manager.loop.call_later(self.manager.header_timeout, self._header_timeout)
+
+    def _linger(self, reset_on_close: bool) -> None:
+        """``SO_LINGER`` 0: the kernel answers any close of the socket with RST instead of FIN.
+
+        The protocol's FIN from a server means "the session is over"; a path that breaks (a
+        forwarder or tunnel failing, this sessiond killed) must not look like that, so every
+        connection resets unless this code closes it on purpose (:meth:`close`, :meth:`write_eof`).
+        """
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET if reset_on_close else _LINGER_OFF)
+        except OSError:  # already closed
+            pass
 
     def _evicted(self) -> None:
         """The oldest pending connection gives way to a new one (a flood of header-less connections)."""
@@ -107,7 +126,7 @@ class ServerConnection(asyncio.Protocol):
             if self.parser.empty:  # a port probe (health check, wait_for): not an error
                 self.parser = None
                 self._cancel_timer()
-                self.transport.close()
+                self.close()
                 return True
             self._bad_header(Status.BAD_HEADER, "truncated header: connection half-closed before the header was complete")
         return True
@@ -142,6 +161,8 @@ class ServerConnection(asyncio.Protocol):
             t.write_eof()
 
     def close(self) -> None:
+        """Orderly: what was written goes out, then FIN (the session, or this request, is over)."""
+        self._linger(False)
         self.transport.close()
 
     def abort(self) -> None:
@@ -182,7 +203,7 @@ class ServerConnection(asyncio.Protocol):
                                        peer_endpoint=self.service is None)
         if not self.transport.is_closing():
             self.transport.write(encode_reply(status, message))
-            self.transport.close()
+            self.close()
 
     async def _dispatch(self, header: Any, rest: bytes) -> None:
         m = self.manager
@@ -193,6 +214,9 @@ class ServerConnection(asyncio.Protocol):
                     raise Refused(Status.BAD_TARGET, "the peer endpoint does not forward further: name the anchor cloudlet")
                 cred = m.check(header.credential, None)
                 sid = cred.nonce
+                if cred.anchor != m.cloudlet:
+                    raise Refused(Status.WRONG_ANCHOR, f"this session is anchored at cloudlet {cred.anchor!r}, "
+                                  f"not {m.cloudlet!r}: the forwarder must name the anchor")
                 service = m.services.get(cred.service)
                 if service is None:
                     raise Refused(Status.UNKNOWN_SERVICE, f"no service {cred.service!r} on cloudlet {m.cloudlet!r}")
@@ -205,12 +229,18 @@ class ServerConnection(asyncio.Protocol):
                 sid = cred.nonce
                 via_peer = False
                 if not header.is_local and header.target != m.cloudlet:
+                    if header.target != cred.anchor:
+                        raise Refused(Status.BAD_TARGET, f"this session is anchored at cloudlet {cred.anchor!r}, "
+                                      f"not {header.target!r}: name the anchor as the target")
                     await self._forward(header, cred.nonce, service, rest)
                     return
+                if cred.anchor != m.cloudlet:
+                    raise Refused(Status.WRONG_ANCHOR, f"this session is anchored at cloudlet {cred.anchor!r}: "
+                                  f"connect with target {cred.anchor!r} (only the anchor starts or holds it)")
             if header.op == Op.END:
                 existed = m.end_credential(cred, "ended_by_client")
                 self.transport.write(encode_reply(Status.OK, "session ended" if existed else "no live session; credential retired"))
-                self.transport.close()
+                self.close()
                 return
             await m.attach(self, cred, service, rest, via_peer, header.after_fin,
                            header.down_received if header.mode == Mode.RESUMABLE else None)
@@ -251,7 +281,7 @@ class ServerConnection(asyncio.Protocol):
         if not reply.ok or header.op == Op.END:
             close_writer(writer)
             _channel_closed(m, header.target)
-            self.transport.close()
+            self.close()
             event(log, logging.INFO, "forwarded request answered", session=sid, peer=header.target,
                   code=reply.status.name, op=header.op.name)
             return

@@ -121,12 +121,19 @@ class Forward:
             self.close()
 
     def close(self) -> None:
+        """End the forward. Orderly (FIN) only once the anchor ended its side: the session's own end
+        passes through as a FIN; anything else (the channel or peer failing, this sessiond stopping,
+        the client going) resets the client connection, so the client re-attaches instead of taking a
+        broken path for the end of its session (docs/protocol.md)."""
         if self.closed:
             return
         self.closed = True
         self.conn.bind(None)
         if not self.conn.is_closing():
-            self.conn.close()
+            if self.down_eof:
+                self.conn.close()
+            else:
+                self.conn.abort()
         close_writer(self.writer)
         for task in (self.task, self.drain_task):
             if task is not None and task is not asyncio.current_task():

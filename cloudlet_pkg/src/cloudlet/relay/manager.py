@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from typing import Any, Protocol
 
 from cloudlet.common.admission import Admission, default_limits
@@ -13,6 +12,9 @@ from cloudlet.common.logs import Throttle, event
 from cloudlet.protocol import credentials
 from cloudlet.protocol.wire import Status
 from cloudlet.relay.core import ATTACHED, CONNECTING, DETACHED, ENDED, Refused, SessionCore
+from cloudlet.relay.ledger import ENDED as ENDED_RECORD
+from cloudlet.relay.ledger import STARTED as STARTED_RECORD
+from cloudlet.relay.ledger import SessionLedger
 from cloudlet.relay.interfaces import ClientSide, ServiceEntry
 from cloudlet.relay.metrics import SessiondMetrics
 from cloudlet.relay.session import Session, UpstreamProtocol
@@ -36,29 +38,6 @@ class Forwarded(Protocol):
     def to_json(self) -> dict[str, Any]: ...
 
 
-class Tombstones:
-    """Bounded record of ended sessions (nonce -> time its credential expires anyway)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._items: OrderedDict[str, float] = OrderedDict()
-
-    def add(self, nonce: str, expires_at: float) -> None:
-        now = time.time()
-        items = self._items
-        items[nonce] = expires_at
-        items.move_to_end(nonce)
-        while items and (len(items) > self.limit or next(iter(items.values())) < now):
-            items.popitem(last=False)
-
-    def __contains__(self, nonce: str) -> bool:
-        exp = self._items.get(nonce)
-        return exp is not None and exp >= time.time()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 class SessionManager:
     """The table of live sessions of one sessiond, and the policy for starting and ending them."""
 
@@ -80,6 +59,7 @@ class SessionManager:
         admission: Admission | None = None,
         peer_admission: Admission | None = None,
         held_budget: int = 256 << 20,
+        ledger: SessionLedger | None = None,
     ) -> None:
         self.cloudlet = cloudlet
         self.secret = secret
@@ -97,12 +77,15 @@ class SessionManager:
         self.services: dict[str, ServiceEntry] = {}
         self.sessions: dict[str, Session] = {}
         self.forwards: set[Forwarded] = set()
-        self.tombstones = Tombstones(max(10_000, max_sessions))
+        self.ledger = ledger if ledger is not None else SessionLedger(max(100_000, 4 * max_sessions), credential_lifetime)
         max_open, max_pending, per_source = default_limits()
         # service ports and the peer endpoint are bounded apart: a flood on the first cannot evict
         # peers' channels (which all come from the local sshd, one source address)
-        self.admission = admission or Admission("sessiond service ports", max_open, max_pending, per_source)
-        self.peer_admission = peer_admission or Admission("sessiond peer endpoint", max_open, max_pending, max_pending)
+        if admission is None:
+            admission = Admission("sessiond service ports", max_open, max_pending, per_source)
+        if peer_admission is None:
+            peer_admission = Admission("sessiond peer endpoint", max_open, max_pending, max_pending)
+        self.admission, self.peer_admission = admission, peer_admission
         self.refusal_log = Throttle(log, 10.0)
         self.held_budget = held_budget  # backend bytes all detached sessions together may hold
         self.held_total = 0
@@ -130,15 +113,24 @@ class SessionManager:
         """``down_received`` is None for mode 0 (raw), the client's count of backend bytes for mode 2."""
         if down_received is not None and rest:
             raise Refused(Status.BAD_HEADER, "mode 2: send nothing behind the header before the reply (it says where to resend from)")
+        if cred.anchor != self.cloudlet:  # (connection.py refuses earlier, with the target to use)
+            raise Refused(Status.WRONG_ANCHOR, f"this session is anchored at cloudlet {cred.anchor!r}, not {self.cloudlet!r}")
         s = self.sessions.get(cred.nonce)
         if s is None:
-            if cred.nonce in self.tombstones:
+            known = self.ledger.lookup(cred.nonce)
+            if known == ENDED_RECORD:
                 raise Refused(Status.SESSION_ENDED, "this session has ended; ask the controller for a new one")
+            if known == STARTED_RECORD:
+                raise Refused(Status.SESSION_LOST, "this session started here before sessiond restarted and its state "
+                              "is gone; ask the controller for a new one")
             if down_received:
                 raise Refused(Status.REPLAY_UNAVAILABLE, f"the client has {down_received} bytes of a session this "
                               "cloudlet does not hold (was its sessiond restarted?)")
             if time.time() - cred.issued > self.credential_lifetime:
                 raise Refused(Status.EXPIRED, "session credential expired")
+            if self.ledger.too_old(cred.issued):
+                raise Refused(Status.EXPIRED, "credential too old to start a session now (the record of older "
+                              "sessions is full); ask the controller for a new one")
             if self.live_count() >= self.max_sessions:
                 raise Refused(Status.TOO_MANY_SESSIONS, f"this cloudlet already holds {self.max_sessions} sessions")
             core = SessionCore(cred.nonce, service.name, cred.issued, resumable=down_received is not None,
@@ -164,6 +156,7 @@ class SessionManager:
                 up.transport.close()  # type: ignore[union-attr]
                 raise Refused(Status.SESSION_ENDED, "session ended while it was being set up")
             s.upstream = up
+            self.ledger.started(cred.nonce, cred.issued)
             self.metrics.sessions_started.inc()
             s.ready.set_result(None)
             s.ready = None
@@ -186,7 +179,7 @@ class SessionManager:
         if s is not None:
             s.end(reason)
             return True
-        self.tombstones.add(cred.nonce, cred.issued + self.credential_lifetime)
+        self.ledger.ended(cred.nonce, cred.issued)  # retired before it was ever used
         return False
 
     def end_id(self, session_id: str, reason: str) -> bool:
@@ -216,7 +209,7 @@ class SessionManager:
         self.budget_paused.discard(s)
         if self.sessions.get(s.id) is s:
             del self.sessions[s.id]
-        self.tombstones.add(s.id, s.core.issued + self.credential_lifetime)
+        self.ledger.ended(s.id, s.core.issued)
         self.metrics.sessions_ended.labels(reason).inc()
         self.count_bytes(s)
         event(log, logging.INFO, "session ended", session=s.id, service=s.service.name, reason=reason,

@@ -53,6 +53,9 @@ class SessiondConfig(Section):
     max_sessions: Annotated[int, Field(ge=1)] = 100000
     header_timeout_seconds: Positive = 5.0
     credential_lifetime_seconds: Positive = 86400.0
+    # sessions remembered (started, ended) until their credential expires; beyond it, credentials
+    # older than the oldest remembered may not start a session (docs/sessiond.md)
+    session_record_limit: Annotated[int, Field(ge=1000)] = 100000
     backend_connect_timeout_seconds: Positive = 5.0
     peer_connect_timeout_seconds: Positive = 3.0
     splice_threshold_bytes: int = 1048576  # < 0: never splice

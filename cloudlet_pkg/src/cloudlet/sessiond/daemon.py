@@ -22,11 +22,13 @@ from cloudlet.common.names import NAME_RULE, is_name
 from cloudlet.protocol import credentials
 from cloudlet.relay.connection import ServerConnection
 from cloudlet.relay.interfaces import ServiceEntry
+from cloudlet.relay.ledger import SessionLedger
 from cloudlet.relay.manager import SessionManager
 from cloudlet.relay.metrics import SessiondMetrics
 from cloudlet.sessiond.api import ApiError, build_control_app, build_metrics_app
 from cloudlet.sessiond.config import SessiondConfig
 from cloudlet.sessiond.peers import make_connector
+from cloudlet.sessiond.ledger_file import FileJournal
 from cloudlet.sessiond.store import ServiceStore
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class Sessiond:
     def __init__(self, config: SessiondConfig, connector: Any = None) -> None:
         self.config = config
         self.store = ServiceStore(Path(config.state_dir) / "services.json")
+        self.journal = FileJournal(Path(config.state_dir) / "sessions.log")
+        self.ledger: SessionLedger | None = None
         self._connector = connector
         self.metrics = SessiondMetrics()
         self.manager: SessionManager | None = None
@@ -73,6 +77,8 @@ class Sessiond:
         hook = getattr(connector, "metrics", None)
         if hook is not None:
             hook(self.metrics.registry)
+        self.ledger = SessionLedger(int(cfg.session_record_limit), float(cfg.credential_lifetime_seconds))
+        self.journal.open(self.ledger)  # ended (and started) sessions from before this start
         auto_open, auto_pending, auto_source = default_limits()
         max_open = cfg.max_connections or auto_open
         max_pending = min(cfg.max_pending_connections or auto_pending, max_open)
@@ -88,6 +94,7 @@ class Sessiond:
             admission=Admission("sessiond service ports", max_open, max_pending, per_source),
             peer_admission=Admission("sessiond peer endpoint", max_open, max_pending, max_pending),
             held_budget=int(cfg.held_bytes_budget),
+            ledger=self.ledger,
         )
         self.metrics.watch_admission("service", self.manager.admission)
         self.metrics.watch_admission("peer", self.manager.peer_admission)
@@ -122,6 +129,7 @@ class Sessiond:
         self._http.clear()
         if self._connector is not None:
             await self._connector.close()
+        self.journal.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.control_socket)
         self.stopped.set()
