@@ -28,6 +28,7 @@ from aiohttp import web
 
 from cloudlet.client import SessionClient, SessionRefused
 from cloudlet.common.addresses import parse_hostport
+from cloudlet.protocol.credentials import anchor_of
 from cloudlet.common.httpserver import HttpServer
 from cloudlet.common.logs import event, setup_logging
 
@@ -216,15 +217,16 @@ def _parse_cloudlets(items: list[str]) -> dict[str, tuple[str, int]]:
 
 async def _run(args: argparse.Namespace) -> int:
     cloudlets = _parse_cloudlets(args.cloudlet)
-    anchor = args.anchor or args.cloudlet[0].partition("=")[0]
-    at = args.at or anchor
-    for name in (anchor, at):
-        if name not in cloudlets:
-            raise SystemExit(f"cloudlet {name!r} not given with --cloudlet")
     cred = args.credential or (Path(args.credential_file).read_text().strip() if args.credential_file
                                else os.environ.get("CLOUDLET_SESSION"))
     if not cred:
         raise SystemExit("give --credential-file, --credential or CLOUDLET_SESSION")
+    # the credential names its anchor (the only cloudlet that holds the session)
+    anchor = args.anchor or anchor_of(cred) or args.cloudlet[0].partition("=")[0]
+    at = args.at or anchor
+    for name in (anchor, at):
+        if name not in cloudlets:
+            raise SystemExit(f"cloudlet {name!r} not given with --cloudlet")
     agent = Agent(cred, cloudlets, anchor, at, parse_hostport(args.listen, "--listen"), args.control_socket,
                   args.on_local_close, resumable=args.mode == "resumable")
     await agent.start()
@@ -280,7 +282,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--listen", default="127.0.0.1:6380", help="local HOST:PORT for the program (default 127.0.0.1:6380)")
     run.add_argument("--cloudlet", action="append", required=True, metavar="NAME=HOST:PORT",
                      help="a cloudlet and the service's session port on it (repeat)")
-    run.add_argument("--anchor", help="cloudlet that issued the session (default: the first --cloudlet)")
+    run.add_argument("--anchor", help="cloudlet that holds the session (default: the one the credential names)")
     run.add_argument("--at", help="cloudlet to start at (default: the anchor)")
     run.add_argument("--credential-file", help="file with the session credential (or CLOUDLET_SESSION)")
     run.add_argument("--credential", help=argparse.SUPPRESS)
