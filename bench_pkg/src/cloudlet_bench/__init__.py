@@ -18,6 +18,7 @@ BENCHMARKS: tuple[str, ...] = (
     "cloudlet_bench.tunnel",
     "cloudlet_bench.migrate",
     "cloudlet_bench.repair",
+    "cloudlet_bench.overload",
 )
 
 

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -78,8 +79,10 @@ async def _first_byte(host: str, port: int, timeout: float = 30.0) -> None:
 class BenchCloudlet:
     """A private cloudlet for the benchmark: podman API service, sessiond, controller."""
 
-    def __init__(self, workdir: Path, podman_socket: str | None, controller_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, workdir: Path, podman_socket: str | None, controller_options: dict[str, Any] | None = None,
+                 nofile: int | None = None) -> None:
         self.dir = workdir
+        self.nofile = nofile  # the daemons' descriptor limit (as a unit's LimitNOFILE= sets it)
         self.controller_options = controller_options or {}  # extra [controller] keys
         self.name = f"clbench-{secrets.token_hex(3)}"
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -89,9 +92,16 @@ class BenchCloudlet:
         self.url = ""
         self.http: aiohttp.ClientSession | None = None
 
-    def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], log: str, limited: bool = False) -> subprocess.Popen[bytes]:
+        nofile = self.nofile if limited else None
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         with open(self.dir / log, "ab") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=podman_env())
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=podman_env(),
+                                    preexec_fn=limit if nofile is not None else None)
         self.procs.append(proc)
         return proc
 
@@ -116,9 +126,10 @@ class BenchCloudlet:
             + f'[podman]\nsocket = "{self.podman_socket}"\n'
         )
         py = [sys.executable, "-m", "cloudlet"]
-        self._spawn([*py, "sessiond", "--config", str(d / "sessiond.toml"), "--log-level", "warning"], "sessiond.log")
+        self._spawn([*py, "sessiond", "--config", str(d / "sessiond.toml"), "--log-level", "warning"], "sessiond.log",
+                    limited=True)
         await _until(lambda: asyncio.to_thread(os.path.exists, str(d / "sessiond.sock")), 30, "sessiond")
-        self._spawn([*py, "controller", "--config", str(d / "controller.toml")], "controller.log")
+        self._spawn([*py, "controller", "--config", str(d / "controller.toml")], "controller.log", limited=True)
         self.url = await _until(self._controller_address, 30, "controller")
         self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"},
                                           timeout=aiohttp.ClientTimeout(total=120))

@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from cloudlet.common.admission import Admission, default_limits
+from cloudlet.common.admission import Admission, bytes_waiting, default_limits
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ class _Guard(asyncio.Protocol):
         self.transport = t
         peer = t.get_extra_info("peername")
         source = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
-        if not self.server.admission.accept(self, source, self._evict):
+        talking = bytes_waiting(t.get_extra_info("socket")) > 0
+        if not self.server.admission.accept(self, source, self._evict, talking=talking):
             # answer, send FIN, and read until the client closes (bounded): closing at once with the
             # request unread would reset the connection and lose the answer
             t.write(overloaded_response(f"{self.server.admission.name}: too many connections; retry"))
@@ -75,6 +76,8 @@ class _Guard(asyncio.Protocol):
         if not self.admitted:
             return  # a refused connection's request: ignored
         if self.timer is not None:
+            if not self.tail:
+                self.server.admission.talking(self)
             if HEAD_END in self.tail + data:
                 self.timer.cancel()
                 self.timer = None

@@ -14,6 +14,7 @@ import socket
 import struct
 from typing import Any
 
+from cloudlet.common.admission import bytes_waiting
 from cloudlet.common.logs import event
 from cloudlet.protocol.wire import (
     HeaderParser,
@@ -68,7 +69,8 @@ class ServerConnection(asyncio.Protocol):
         admission = self.manager.admission_for(self.service is None)
         peer = transport.get_extra_info("peername")
         source = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        if not admission.accept(self, source, self._evicted):
+        waiting = bytes_waiting(transport.get_extra_info("socket"))
+        if not admission.accept(self, source, self._evicted, talking=waiting > 0):
             transport.abort()  # type: ignore[attr-defined]  # beyond max_connections: refused at once, counted, logged
             return
         self.admitted = True
@@ -105,6 +107,8 @@ class ServerConnection(asyncio.Protocol):
         parser = self.parser
         if parser is None:
             return
+        if parser.empty:
+            self.manager.admission_for(self.service is None).talking(self)
         try:
             result = parser.feed(data)
         except ProtocolError as exc:
