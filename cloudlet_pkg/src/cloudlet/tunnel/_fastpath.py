@@ -50,7 +50,6 @@ def install(conn: Any, enabled: bool = True, version: str | None = None) -> Fast
     only if every internal it uses is present; otherwise the connection is left exactly as asyncssh
     made it (TCP_QUICKACK aside, which is plain socket tuning).
     """
-    _install_quickack(conn)
     try:
         if not enabled:
             return FastPath(False, "fast_path = false")
@@ -68,6 +67,9 @@ def install(conn: Any, enabled: bool = True, version: str | None = None) -> Fast
         _DirectRecv(conn).install()
         return FastPath(True, "", direct)
     finally:
+        # outermost, after the direct receive path: every read re-arms TCP_QUICKACK, or the peer's
+        # small packets wait for a delayed ACK (40 ms)
+        _install_quickack(conn)
         _rebind_protocol(conn)
 
 _MSG_IGNORE = 2
@@ -426,6 +428,7 @@ def _install_quickack(conn: Any) -> bool:
             pass
         inner(data, datatype)
 
+    data_received.quickack = True  # type: ignore[attr-defined]  # (tests check it is the outermost hook)
     conn.data_received = data_received
     return True
 
