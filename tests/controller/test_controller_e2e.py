@@ -36,7 +36,7 @@ async def test_launch_connect_through_session_port_and_delete(stack: Stack, demo
 
     sess, reader, writer = await open_session(stack, "demo")
     assert sess["service"] == "demo" and sess["cloudlet"] == stack.cloudlet and sess["port"] == svc["session_port"]
-    assert sess["session"].startswith(f"v2.demo.{stack.cloudlet}.")  # anchored at the issuing cloudlet
+    assert sess["session"].startswith(f"v2.demo.{stack.cloudlet}..")  # anchored at the issuing cloudlet, no device
     writer.write(b"SET k v1\nGET k\nSTREAM 1000 3\n")
     lines = [await read_line(reader) for _ in range(6)]
     assert lines[:2] == ["OK", "VALUE v1"]

@@ -11,7 +11,7 @@ def test_issue_then_verify() -> None:
     cred = credentials.issue(SECRET, "redis", "edge-1", now=1000)
     got = credentials.verify(SECRET, cred.token, "redis", 3600, now=2000)
     assert got == cred and got.session_id == cred.nonce and got.anchor == "edge-1"
-    assert cred.token.startswith("v2.redis.edge-1.1000.")
+    assert cred.token.startswith("v2.redis.edge-1..1000.")
     assert credentials.anchor_of(cred.token) == "edge-1" and credentials.anchor_of("garbage") is None
     assert len(cred.token) <= credentials.MAX_CREDENTIAL_LEN
 

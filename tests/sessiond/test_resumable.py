@@ -11,7 +11,7 @@ from support.sessiond import Backend, fleet, issue, raw_connect, wait_for
 
 
 def _session(daemon, cred: str):  # type: ignore[no-untyped-def]
-    return daemon.manager.sessions[cred.split(".")[4]]
+    return daemon.manager.sessions[cred.split(".")[5]]
 
 
 async def _mode2(port: int, cred: str, down_received: int, flags: int = 0):  # type: ignore[no-untyped-def]

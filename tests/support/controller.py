@@ -111,6 +111,8 @@ class Stack:
     ready_timeout: float = 20.0
     reconcile_interval: float = 0.5
     controller_extra: str = ""  # more [controller] keys, TOML lines
+    listen: str = "127.0.0.1:0"
+    fleet_members: list[tuple[str, str]] = field(default_factory=list)  # [fleet] members: (name, api url)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     sessiond_proc: subprocess.Popen[bytes] | None = None
     controller_proc: subprocess.Popen[bytes] | None = None
@@ -139,7 +141,9 @@ class Stack:
         (self.dir / "controller.toml").write_text(
             "[controller]\n"
             f'cloudlet = "{self.cloudlet}"\n'
-            'listen = "127.0.0.1:0"\n'
+            f'listen = "{self.listen}"\n'
+            'local_listen = ""\n'
+            f'state_dir = "{self.dir / "controller-state"}"\n'
             f'token_file = "{self.dir / "token"}"\n'
             f'secret_file = "{self.dir / "fleet.secret"}"\n'
             f'runtime = "{runtime}"\n'
@@ -153,6 +157,8 @@ class Stack:
             + "[podman]\n"
             f'socket = "{podman_socket or self.podman_socket}"\n'
             + (f'[kubernetes]\nkubeconfig = "{kubeconfig}"\nnamespace = "edge"\n' if kubeconfig else "")
+            + ("[fleet]\nmembers = [" + ", ".join(f'{{name = "{n}", api = "{u}"}}' for n, u in self.fleet_members) + "]\n"
+               if self.fleet_members else "")
         )
 
     # -- processes ------------------------------------------------------------------------------

@@ -119,7 +119,8 @@ class BenchCloudlet:
         )
         base = 20000 + secrets.randbelow(200) * 50
         (d / "controller.toml").write_text(
-            f'[controller]\ncloudlet = "{self.name}"\nlisten = "127.0.0.1:0"\ntoken_file = "{d / "token"}"\n'
+            f'[controller]\ncloudlet = "{self.name}"\nlisten = "127.0.0.1:0"\nlocal_listen = ""\n'
+            f'state_dir = "{d / "controller-state"}"\ntoken_file = "{d / "token"}"\n'
             f'secret_file = "{d / "secret"}"\nsessiond_socket = "{d / "sessiond.sock"}"\n'
             f'session_host = "127.0.0.1"\nsession_listen = "127.0.0.1"\nport_range = [{base}, {base + 49}]\n'
             + "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.controller_options.items())

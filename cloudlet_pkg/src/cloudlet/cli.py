@@ -21,6 +21,7 @@ from cloudlet import __version__
 COMPONENTS: tuple[tuple[str, str, str], ...] = (
     ("sessiond", "cloudlet.sessiond.main", "node"),
     ("controller", "cloudlet.controller.main", "node"),
+    ("device", "cloudlet.controller.device_cli", "node"),
     ("agent", "cloudlet.client.agent", ""),
     ("session", "cloudlet.client.cli", ""),
     ("image", "cloudlet.images", ""),

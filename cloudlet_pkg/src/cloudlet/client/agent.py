@@ -28,9 +28,9 @@ from aiohttp import web
 
 from cloudlet.client import SessionClient, SessionRefused
 from cloudlet.common.addresses import parse_hostport
-from cloudlet.protocol.credentials import anchor_of
 from cloudlet.common.httpserver import HttpServer
 from cloudlet.common.logs import event, setup_logging
+from cloudlet.protocol.credentials import anchor_of
 
 log = logging.getLogger(__name__)
 READ_SIZE = 256 * 1024

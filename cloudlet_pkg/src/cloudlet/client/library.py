@@ -363,3 +363,26 @@ def _abort_if_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
 
 
 __all__ = ["SessionClient", "SessionRefused", "StreamGap", "attach", "end_session", "ProtocolError", "Status"]
+
+
+PING_CREDENTIAL = "ping"  # any ASCII: a PING's credential is not checked
+
+
+async def ping(host: str, port: int, timeout: float = 2.0) -> float:
+    """One nearness probe (op PING) to a session port; the round trip in seconds (connect included).
+
+    Raises ``OSError``/``asyncio.TimeoutError`` if the cloudlet does not answer, ``SessionRefused``
+    if it answers with anything but OK.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(encode_header(PING_CREDENTIAL, op=Op.PING))
+            reply = await read_reply(reader)
+        finally:
+            writer.close()
+    if not reply.ok:
+        raise SessionRefused(reply)
+    return loop.time() - started

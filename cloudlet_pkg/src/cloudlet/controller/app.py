@@ -12,15 +12,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cloudlet.common.jsonbody import loads_bounded
-from cloudlet.common.logs import event
+from cloudlet.common.logs import Throttle, event
 from cloudlet.common.names import InvalidName, check_name
 from cloudlet.controller.config import ControllerConfig
+from cloudlet.controller.devices import DeviceAuthError, DeviceRecord, DeviceRegistry, is_device_token
+from cloudlet.controller.fleetmap import FleetMap
+from cloudlet.controller.fleetmap import entry as fleet_entry
 from cloudlet.controller.metrics import ControllerMetrics
 from cloudlet.controller.runtime.base import (
     Instance,
@@ -35,12 +38,19 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
 PUBLIC = {("GET", "/v1/health"), ("GET", "/metrics")}
+# what a device credential may do (canonical routes); everything else is the admin token's
+DEVICE_ROUTES = {("POST", "/v1/services/{name}/sessions"), ("GET", "/v1/services/{name}/map"),
+                 ("DELETE", "/v1/sessions/{credential}")}
+DEVICE_KEY = "cloudlet.device"  # request key: the authenticated device's record
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MANAGER: web.AppKey[ServiceManager] = web.AppKey("manager", ServiceManager)
 METRICS: web.AppKey[ControllerMetrics] = web.AppKey("metrics", ControllerMetrics)
 TOKEN: web.AppKey[str] = web.AppKey("token", str)
 CONFIG: web.AppKey[ControllerConfig] = web.AppKey("config", ControllerConfig)
+DEVICES: web.AppKey[DeviceRegistry] = web.AppKey("devices", DeviceRegistry)
+FLEET: web.AppKey[FleetMap] = web.AppKey("fleet", FleetMap)
+AUTH_LOG: web.AppKey[Throttle] = web.AppKey("auth_log", Throttle)
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -72,18 +82,34 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     status = 500
     try:
+        device: DeviceRecord | None = None
         if (request.method, request.path) not in PUBLIC:
             header = request.headers.get("Authorization", "")
             scheme, _, given = header.partition(" ")
+            given = given.strip()
             if scheme.lower() != "bearer" or not given:
-                raise ControllerError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
-            if not hmac.compare_digest(given.strip().encode(), request.app[TOKEN].encode()):
-                raise ControllerError(401, "unauthorized", "wrong bearer token")
-        if "name" in request.match_info:  # every /v1/services/{name}... route, before any handler runs
-            try:
-                check_name(request.match_info["name"])
-            except InvalidName as exc:
-                raise ControllerError(400, "bad_request", str(exc)) from exc
+                _refuse(request, 401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
+            if is_device_token(given):
+                try:
+                    device = request.app[DEVICES].authenticate(given)
+                except DeviceAuthError as exc:
+                    _refuse(request, exc.status, exc.code, str(exc), exc.device)
+                assert device is not None
+                if (request.method, route) not in DEVICE_ROUTES:
+                    _refuse(request, 403, "forbidden", "a device credential may create sessions of its services, read "
+                            "their fleet map and end its own sessions; this needs the admin token", device.device)
+                request[DEVICE_KEY] = device
+            elif not hmac.compare_digest(given.encode(), request.app[TOKEN].encode()):
+                _refuse(request, 401, "unauthorized", "wrong bearer token")
+        for key, what in (("name", "service name"), ("device", "device id")):  # before any handler runs
+            if key in request.match_info:
+                try:
+                    check_name(request.match_info[key], what)
+                except InvalidName as exc:
+                    raise ControllerError(400, "bad_request", str(exc)) from exc
+        if device is not None and "name" in request.match_info and not device.allows(request.match_info["name"]):
+            _refuse(request, 403, "out_of_scope",
+                    f"device {device.device} may not use service {request.match_info['name']}", device.device)
         response = await handler(request)
         status = response.status
         return response
@@ -113,6 +139,17 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
         return error_response(500, "internal", f"internal error: {type(exc).__name__}: {exc}")
     finally:
         metrics.requests.labels(request.method, route, str(status)).inc()
+
+
+def _refuse(request: web.Request, status: int, code: str, message: str, device: str | None = None) -> NoReturn:
+    """Refuse the request: counted by code, logged (with the device id, never a credential) once per interval."""
+    request.app[METRICS].auth_refusals.labels(code).inc()
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    resource = request.match_info.route.resource
+    request.app[AUTH_LOG].event(logging.WARNING, "API request refused", f"{code}:{device}", code=code, device=device,
+                                method=request.method, route=resource.canonical if resource else "unmatched",
+                                peer=peer[0] if isinstance(peer, tuple) else None)
+    raise ControllerError(status, code, message)
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -187,9 +224,16 @@ async def delete_service(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _device(request: web.Request) -> DeviceRecord | None:
+    device: DeviceRecord | None = request.get(DEVICE_KEY)
+    return device
+
+
 async def create_session(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    cred, inst = await manager.issue_session(request.match_info["name"])
+    device = _device(request)
+    cred, inst = await manager.issue_session(request.match_info["name"], device.device if device else "")
+    local = fleet_entry(manager.config.cloudlet, manager.config.session_host, inst.session_port)
     return web.json_response(
         {
             "session": cred.token,
@@ -199,13 +243,63 @@ async def create_session(request: web.Request) -> web.Response:
             "host": manager.config.session_host,
             "port": inst.session_port,
             "issued": cred.issued,
+            "device": cred.device or None,
+            "map": await request.app[FLEET].for_service(inst.name, local),
         },
         status=201,
     )
 
 
+async def service_map(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["name"]
+    inst = await manager.get(name)
+    local = (fleet_entry(manager.config.cloudlet, manager.config.session_host, inst.session_port)
+             if inst is not None and inst.state == "running" else None)
+    fleet_map = await request.app[FLEET].for_service(name, local)
+    if not fleet_map["cloudlets"]:
+        raise ControllerError(404, "not_found", f"service {name} runs on no cloudlet of the fleet")
+    return web.json_response(fleet_map)
+
+
 async def delete_session(request: web.Request) -> web.Response:
-    await request.app[MANAGER].end_session(request.match_info["credential"])
+    device = _device(request)
+    await request.app[MANAGER].end_session(request.match_info["credential"], device.device if device else None)
+    return web.Response(status=204)
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    return web.json_response({"devices": [r.to_json() for r in request.app[DEVICES].all()]})
+
+
+async def put_device(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    device = request.match_info["device"]
+    body = await _json_body(request)
+    try:
+        record = DeviceRecord.from_request(device, body)
+    except ValueError as exc:
+        raise ControllerError(400, "bad_request", str(exc)) from exc
+    longest = time.time() + manager.config.device_lifetime_days_max * 86400
+    if record.expires > longest:
+        raise ControllerError(400, "bad_request", f"expires is more than device_lifetime_days_max "
+                              f"({manager.config.device_lifetime_days_max}) days away")
+    result = request.app[DEVICES].put(record)
+    await manager.push_device(record)
+    event(log, logging.INFO, "device registered", device=device, result=result, services=list(record.services),
+          expires=record.expires)
+    return web.json_response({"device": device, "result": result, "services": list(record.services),
+                              "expires": record.expires}, status=201 if result == "created" else 200)
+
+
+async def revoke_device(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    device = request.match_info["device"]
+    record = request.app[DEVICES].revoke(device)
+    if record is None:
+        raise ControllerError(404, "not_found", f"no device {device} on cloudlet {manager.config.cloudlet}")
+    await manager.push_device(record)
+    event(log, logging.INFO, "device revoked", device=device)
     return web.Response(status=204)
 
 
@@ -216,7 +310,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return resp
 
 
-def build_app(manager: ServiceManager, token: str) -> web.Application:
+def build_app(manager: ServiceManager, token: str, devices: DeviceRegistry, fleet: FleetMap) -> web.Application:
     if not token:
         raise ValueError("the API token must not be empty")
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
@@ -224,12 +318,19 @@ def build_app(manager: ServiceManager, token: str) -> web.Application:
     app[METRICS] = manager.metrics
     app[TOKEN] = token
     app[CONFIG] = manager.config
+    app[DEVICES] = devices
+    app[FLEET] = fleet
+    app[AUTH_LOG] = Throttle(log, 10.0)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/services", list_services)
     app.router.add_get("/v1/services/{name}", get_service)
     app.router.add_put("/v1/services/{name}", put_service)
     app.router.add_delete("/v1/services/{name}", delete_service)
     app.router.add_post("/v1/services/{name}/sessions", create_session)
+    app.router.add_get("/v1/services/{name}/map", service_map)
+    app.router.add_get("/v1/devices", list_devices)
+    app.router.add_put("/v1/devices/{device}", put_device)
+    app.router.add_delete("/v1/devices/{device}", revoke_device)
     app.router.add_delete("/v1/sessions/{credential}", delete_session)
     app.router.add_get("/metrics", metrics_handler)
     return app

@@ -32,12 +32,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from cloudlet.common.addresses import parse_hostport
+from cloudlet.common.addresses import is_loopback, parse_hostport
 from cloudlet.common.config import ConfigError, HostPort, Name, Section, TomlTuple, check_tables, read_toml, validate
 
-__all__ = ["ConfigError", "ControllerConfig", "KubernetesConfig", "PodmanConfig", "from_dict", "load"]
+__all__ = ["ConfigError", "ControllerConfig", "FleetConfig", "FleetMember", "KubernetesConfig", "PodmanConfig",
+           "from_dict", "load"]
 
 Positive = Annotated[float, Field(gt=0)]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -58,11 +59,30 @@ class KubernetesConfig(Section):
     context: str = ""
 
 
+class FleetMember(Section):
+    """Another cloudlet of the fleet: its name and its controller's API."""
+
+    name: Name
+    api: Annotated[str, Field(pattern=r"^https?://[^/\s]+$")]  # http(s)://HOST:PORT
+
+
+class FleetConfig(Section):
+    """``[fleet]``: the other cloudlets (written by the roles from the inventory), for the fleet map."""
+
+    members: list[FleetMember] = Field(default_factory=list)
+    ca_file: str = ""  # the fleet CA that signs the members' API certificates (https members)
+    map_timeout_seconds: Positive = 2.0  # per member
+    map_cache_seconds: Annotated[float, Field(ge=0)] = 2.0
+
+
 class ControllerConfig(Section):
     """The keys of ``[controller]`` (every one documented in docs/controller.md), ``[podman]`` and ``[kubernetes]``."""
 
     cloudlet: Name
-    listen: HostPort = "127.0.0.1:8700"
+    listen: HostPort = "127.0.0.1:8700"  # HTTPS when tls_cert_file is set
+    local_listen: str = "127.0.0.1:8701"  # plain HTTP for local tools, loopback only ("" = none)
+    tls_cert_file: str = ""  # this controller's certificate (signed by the fleet CA), PEM, chain included
+    tls_key_file: str = ""
     token_file: str = "/etc/cloudlet/controller.token"
     secret_file: str = "/etc/cloudlet/fleet.secret"
     runtime: Literal["podman", "kubernetes"] = "podman"
@@ -81,8 +101,26 @@ class ControllerConfig(Section):
     max_pending_per_source: Annotated[int, Field(ge=0)] = 0
     header_timeout_seconds: Positive = 10.0  # the first request head must arrive within this
     keepalive_timeout_seconds: Positive = 15.0  # idle keep-alive connections are closed after this
+    state_dir: str = "/var/lib/cloudlet/controller"  # the device registry (devices.json)
+    device_lifetime_days_max: Annotated[int, Field(ge=1)] = 366  # the longest expiry a device credential may get
     podman: PodmanConfig = Field(default_factory=PodmanConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+
+    @field_validator("local_listen")
+    @classmethod
+    def _loopback(cls, value: str) -> str:
+        if value:
+            host, _ = parse_hostport(value, "address")
+            if not is_loopback(host):
+                raise ValueError("plain HTTP is served on loopback only (tls_cert_file serves the API elsewhere)")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ControllerConfig:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
 
     @field_validator("port_range")
     @classmethod
@@ -98,18 +136,18 @@ class ControllerConfig(Section):
 
 
 def _locate(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
-    return loc if loc and loc[0] in ("podman", "kubernetes") else ("controller", *loc)
+    return loc if loc and loc[0] in ("podman", "kubernetes", "fleet") else ("controller", *loc)
 
 
 def from_dict(data: dict[str, Any], source: str = "controller config") -> ControllerConfig:
-    tables = ("controller", "podman", "kubernetes")
+    tables = ("controller", "podman", "kubernetes", "fleet")
     problems = check_tables(data, tables, source)
     controller = data.get("controller", {})
     if isinstance(controller, dict):
-        problems += [f"controller.{k}: unknown key" for k in ("podman", "kubernetes") if k in controller]
+        problems += [f"controller.{k}: unknown key" for k in ("podman", "kubernetes", "fleet") if k in controller]
     if problems:
         raise ConfigError(source, problems)
-    merged = {**controller, **{k: data[k] for k in ("podman", "kubernetes") if k in data}}
+    merged = {**controller, **{k: data[k] for k in ("podman", "kubernetes", "fleet") if k in data}}
     return validate(ControllerConfig, merged, source, locate=_locate)
 
 

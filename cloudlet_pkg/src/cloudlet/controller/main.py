@@ -38,11 +38,12 @@ def _cmd(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.config)
         if args.check_config:
-            from cloudlet.controller.daemon import make_runtime, read_secret, read_token
+            from cloudlet.controller.daemon import make_runtime, read_secret, read_token, tls_context
 
             problems: list[str] = []
             checks: list[Callable[[], object]] = [
-                lambda: read_token(cfg.token_file), lambda: read_secret(cfg.secret_file), lambda: make_runtime(cfg)]
+                lambda: read_token(cfg.token_file), lambda: read_secret(cfg.secret_file), lambda: make_runtime(cfg),
+                lambda: tls_context(cfg)]
             for check in checks:  # every problem at once
                 try:
                     check()

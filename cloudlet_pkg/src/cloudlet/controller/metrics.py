@@ -30,6 +30,9 @@ class ControllerMetrics:
         )
         self.deletes = Counter("cloudlet_controller_deletes_total", "Services deleted", registry=r)
         self.sessions_issued = Counter("cloudlet_controller_sessions_issued_total", "Session credentials issued", registry=r)
+        self.auth_refusals = Counter(
+            "cloudlet_controller_auth_refusals", "API requests refused: bad or missing token, device revoked, expired, "
+            "out of scope, forbidden route, another device's session", ["code"], registry=r)
         self.services = Gauge("cloudlet_controller_services", "Services of this cloudlet by state", ["state"], registry=r)
         self.reconciles = Counter(
             "cloudlet_controller_reconciles_total", "Reconcile passes by result (ok, error)", ["result"], registry=r

@@ -21,6 +21,7 @@ from typing import Any
 
 from cloudlet.common.logs import event
 from cloudlet.controller.config import ControllerConfig
+from cloudlet.controller.devices import DeviceRecord, DeviceRegistry
 from cloudlet.controller.metrics import ControllerMetrics
 from cloudlet.controller.runtime.base import (
     LOST,
@@ -80,6 +81,8 @@ class ServiceManager:
         self._wake_trigger = "event"
         self._restarted_at: dict[str, float] = {}  # monotonic time of each service's last restart
         self.event_stream = "off" if not config.runtime_events else "connecting"
+        self.devices: DeviceRegistry | None = None  # set by the daemon
+        self._devices_unsynced: set[str] = set()
         self.last_reconcile: float | None = None
         self.last_reconcile_error: str | None = None
 
@@ -227,25 +230,48 @@ class ServiceManager:
             event(log, logging.INFO, "service deleted", service=name)
         return removed or unregistered
 
-    async def issue_session(self, name: str) -> tuple[credentials.Credential, Instance]:
+    async def issue_session(self, name: str, device: str = "") -> tuple[credentials.Credential, Instance]:
         inst = await self.get(name)
         if inst is None:
             raise ControllerError(404, "not_found", f"no service {name} on cloudlet {self.config.cloudlet}")
-        cred = credentials.issue(self.secret, name, self.config.cloudlet)
+        cred = credentials.issue(self.secret, name, self.config.cloudlet, device=device)
         self.metrics.sessions_issued.inc()
         return cred, inst
 
-    async def end_session(self, token: str) -> None:
+    async def end_session(self, token: str, device: str | None = None) -> None:
+        """End a session; ``device``: the caller is that device, which may end its own sessions only."""
         try:
             cred = credentials.parse(self.secret, token)
         except credentials.CredentialError as exc:
             raise ControllerError(400, "bad_request", f"not a session credential of this fleet: {exc}") from exc
+        if device is not None and cred.device != device:
+            self.metrics.auth_refusals.labels("not_yours").inc()
+            raise ControllerError(403, "not_yours", "a device may end its own sessions only")
         try:
             found = await self.sessiond.delete_session(cred.token)
         except (SessiondUnavailable, SessiondError) as exc:
             raise ControllerError(503, "sessiond_unavailable", f"local sessiond: {exc}") from exc
         if not found:
             raise ControllerError(404, "not_found", f"no live session {cred.session_id}")
+
+    # -- devices -------------------------------------------------------------------------------
+
+    async def push_device(self, record: DeviceRecord) -> None:
+        """Tell the local sessiond (it refuses the device's sessions unless it knows the device)."""
+        try:
+            await self.sessiond.put_device(record.device, record.expires, record.revoked)
+            self._devices_unsynced.discard(record.device)
+        except (SessiondUnavailable, SessiondError) as exc:
+            self._devices_unsynced.add(record.device)  # the next reconcile pass retries
+            event(log, logging.WARNING, "device not pushed to sessiond yet; retried by reconcile",
+                  device=record.device, error=str(exc))
+
+    async def sync_devices(self, only_unsynced: bool = False) -> None:
+        if self.devices is None:
+            return
+        for record in self.devices.all():
+            if not only_unsynced or record.device in self._devices_unsynced:
+                await self.push_device(record)
 
     # -- reconcile -----------------------------------------------------------------------------
 
@@ -258,6 +284,8 @@ class ServiceManager:
         next interval pass, so it restarts at most about twice per interval.
         """
         async with self._reconcile_lock:
+            if self._devices_unsynced:
+                await self.sync_devices(only_unsynced=True)
             repairs = {"registered": 0, "unregistered": 0, "restarted": 0, "deferred": 0}
             instances = await self.runtime.list()
             registered = await self.sessiond.services()

@@ -123,3 +123,7 @@ class SessiondClient:
                 return False
             raise
         return True
+
+    async def put_device(self, device: str, expires: int, revoked: bool) -> None:
+        """Tell sessiond a device's expiry and revocation (it refuses the device's sessions otherwise)."""
+        await self._request("PUT", f"/v1/devices/{quote(device, safe='')}", {"expires": expires, "revoked": revoked})

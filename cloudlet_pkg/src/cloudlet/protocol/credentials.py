@@ -1,8 +1,9 @@
 """Session credentials: unguessable, bound to one service and one anchor, checked without shared state.
 
-Format (docs/architecture.md): ``v2.<service>.<anchor>.<issued>.<nonce>.<mac>`` where ``mac`` is the
-first 16 bytes of HMAC-SHA256(fleet secret, ``v2.<service>.<anchor>.<issued>.<nonce>``), base64url
-without padding. The controller of cloudlet ``anchor`` issues it; every sessiond of the fleet
+Format (docs/architecture.md): ``v2.<service>.<anchor>.<device>.<issued>.<nonce>.<mac>`` where
+``device`` is the device the session was issued to (empty when an operator asked, with the admin
+token) and ``mac`` is the first 16 bytes of HMAC-SHA256(fleet secret, everything before it),
+base64url without padding. The controller of cloudlet ``anchor`` issues it; every sessiond of the fleet
 verifies it with the same secret, and only the anchor ever starts a session with it (others forward
 to the anchor), so the anchor alone decides whether its session lives or has ended.
 """
@@ -44,6 +45,7 @@ class Refusal(Enum):
 class Credential:
     service: str
     anchor: str  # the cloudlet where the session lives (the issuing controller's)
+    device: str  # the device it was issued to ("" when issued with the admin token)
     issued: int
     nonce: str
     token: str
@@ -70,41 +72,43 @@ def load_secret(path: str | Path) -> bytes:
     return data
 
 
-def issue(secret: bytes, service: str, anchor: str, now: float | None = None) -> Credential:
+def issue(secret: bytes, service: str, anchor: str, now: float | None = None, device: str = "") -> Credential:
     """Make a new credential for ``service`` anchored at cloudlet ``anchor`` (called by its controller)."""
     if not is_name(service):
         raise ValueError(f"invalid service name {service!r}")
     if not is_name(anchor):
         raise ValueError(f"invalid anchor cloudlet name {anchor!r}")
+    if device and not is_name(device):
+        raise ValueError(f"invalid device id {device!r}")
     issued = int(time.time() if now is None else now)
     nonce = _b64(secrets.token_bytes(16))
-    body = f"{VERSION}.{service}.{anchor}.{issued}.{nonce}"
-    return Credential(service, anchor, issued, nonce, f"{body}.{_mac(secret, body)}")
+    body = f"{VERSION}.{service}.{anchor}.{device}.{issued}.{nonce}"
+    return Credential(service, anchor, device, issued, nonce, f"{body}.{_mac(secret, body)}")
 
 
 def anchor_of(token: str) -> str | None:
     """The anchor a token names, read without the secret (for clients choosing a target); None if malformed."""
     parts = token.split(".")
-    return parts[2] if len(parts) == 6 and parts[0] == VERSION and is_name(parts[2]) else None
+    return parts[2] if len(parts) == 7 and parts[0] == VERSION and is_name(parts[2]) else None
 
 
 def parse(secret: bytes, token: str) -> Credential:
-    """Check the MAC and syntax of ``token``; no service, anchor or lifetime check."""
+    """Check the MAC and syntax of ``token``; no service, anchor, device or lifetime check."""
     if len(token) > MAX_CREDENTIAL_LEN:
         raise CredentialError(Refusal.BAD_CREDENTIAL, "credential too long")
     parts = token.split(".")
     if parts and parts[0] == "v1":
         raise CredentialError(Refusal.BAD_CREDENTIAL, "a v1 credential (no anchor): ask the controller for a new one")
-    if len(parts) != 6 or parts[0] != VERSION:
+    if len(parts) != 7 or parts[0] != VERSION:
         raise CredentialError(Refusal.BAD_CREDENTIAL, "not a v2 session credential")
-    _, service, anchor, issued_s, nonce, mac = parts
-    if (not is_name(service) or not is_name(anchor) or not issued_s.isascii() or not issued_s.isdigit()
-            or not _B64.fullmatch(nonce) or not _B64.fullmatch(mac)):
+    _, service, anchor, device, issued_s, nonce, mac = parts
+    if (not is_name(service) or not is_name(anchor) or (device and not is_name(device)) or not issued_s.isascii()
+            or not issued_s.isdigit() or not _B64.fullmatch(nonce) or not _B64.fullmatch(mac)):
         raise CredentialError(Refusal.BAD_CREDENTIAL, "malformed session credential")
-    body = f"{VERSION}.{service}.{anchor}.{issued_s}.{nonce}"
+    body = f"{VERSION}.{service}.{anchor}.{device}.{issued_s}.{nonce}"
     if not hmac.compare_digest(_mac(secret, body), mac):
         raise CredentialError(Refusal.BAD_CREDENTIAL, "session credential not issued by this fleet")
-    return Credential(service, anchor, int(issued_s), nonce, token)
+    return Credential(service, anchor, device, int(issued_s), nonce, token)
 
 
 def verify(

@@ -71,6 +71,7 @@ class Mode(IntEnum):
 class Op(IntEnum):
     ATTACH = 1
     END = 2
+    PING = 3  # answered OK at once, without a session (devices measure nearness with it)
 
 
 class Status(IntEnum):
@@ -93,6 +94,7 @@ class Status(IntEnum):
     REPLAY_UNAVAILABLE = 16
     WRONG_ANCHOR = 17  # only the credential's anchor starts its session: name the anchor as the target
     SESSION_LOST = 18  # the anchor started this session before a restart and no longer holds its state
+    DEVICE_REFUSED = 19  # the credential's device is unknown here, revoked or expired
 
 
 class ProtocolError(Exception):
@@ -210,7 +212,7 @@ class HeaderParser:
             raise ProtocolError(Status.UNSUPPORTED_VERSION, f"protocol version {version} not supported (server speaks {VERSION})")
         if mode not in (Mode.RAW, Mode.RESUMABLE):
             raise ProtocolError(Status.UNSUPPORTED_MODE, f"mode {mode} not supported (0 = raw, 2 = resumable)")
-        if op not in (Op.ATTACH, Op.END):
+        if op not in (Op.ATTACH, Op.END, Op.PING):
             raise ProtocolError(Status.BAD_HEADER, f"unknown op {op}")
         if cred_len == 0 or cred_len > MAX_CREDENTIAL_LEN:
             raise ProtocolError(Status.BAD_HEADER, f"credential length {cred_len} not in 1..{MAX_CREDENTIAL_LEN}")

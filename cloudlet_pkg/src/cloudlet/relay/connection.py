@@ -213,6 +213,11 @@ class ServerConnection(asyncio.Protocol):
         m = self.manager
         sid: str | None = None
         try:
+            if header.op == Op.PING:  # a nearness probe: no credential check, no session, no log
+                self.transport.write(encode_reply(Status.OK, "pong"))
+                self.close()
+                m.metrics.pings.inc()
+                return
             if self.service is None:  # peer endpoint: the service comes from the credential
                 if not header.is_local and header.target != m.cloudlet:
                     raise Refused(Status.BAD_TARGET, "the peer endpoint does not forward further: name the anchor cloudlet")
@@ -236,7 +241,7 @@ class ServerConnection(asyncio.Protocol):
                     if header.target != cred.anchor:
                         raise Refused(Status.BAD_TARGET, f"this session is anchored at cloudlet {cred.anchor!r}, "
                                       f"not {header.target!r}: name the anchor as the target")
-                    await self._forward(header, cred.nonce, service, rest)
+                    await self._forward(header, cred.nonce, service, rest, cred.device)
                     return
                 if cred.anchor != m.cloudlet:
                     raise Refused(Status.WRONG_ANCHOR, f"this session is anchored at cloudlet {cred.anchor!r}: "
@@ -257,7 +262,7 @@ class ServerConnection(asyncio.Protocol):
             log.exception("internal error while dispatching a connection")
             self.refuse(Status.INTERNAL, f"internal error: {type(exc).__name__}", sid)
 
-    async def _forward(self, header: Any, sid: str, service: ServiceEntry, rest: bytes) -> None:
+    async def _forward(self, header: Any, sid: str, service: ServiceEntry, rest: bytes, device: str = "") -> None:
         m = self.manager
         if m.connector is None:
             raise Refused(Status.UNKNOWN_PEER, f"cloudlet {m.cloudlet!r} has no peers configured")
@@ -289,7 +294,7 @@ class ServerConnection(asyncio.Protocol):
             event(log, logging.INFO, "forwarded request answered", session=sid, peer=header.target,
                   code=reply.status.name, op=header.op.name)
             return
-        fwd = Forward(self, reader, writer, sid, service, header.target, m.loop, m.forward_closed)
+        fwd = Forward(self, reader, writer, sid, service, header.target, m.loop, m.forward_closed, device)
         self.bind(fwd)
         m.forwards.add(fwd)
         m.metrics.handovers.labels("out").inc()

@@ -37,11 +37,12 @@ class Forward:
 
     __slots__ = ("conn", "reader", "writer", "id", "service", "peer", "since", "bytes_up", "bytes_down",
                  "counted_up", "counted_down", "task", "drain_task", "up_eof", "down_eof", "writable", "closed",
-                 "loop", "on_close")
+                 "loop", "on_close", "device")
 
     def __init__(self, conn: ClientSide, reader: Any, writer: Any, sid: str, service: ServiceEntry, peer: str,
-                 loop: asyncio.AbstractEventLoop, on_close: Callable[[Forward], None]) -> None:
+                 loop: asyncio.AbstractEventLoop, on_close: Callable[[Forward], None], device: str = "") -> None:
         self.conn = conn
+        self.device = device
         self.reader = reader
         self.writer = writer
         self.id = sid

@@ -12,10 +12,11 @@ from cloudlet.common.logs import Throttle, event
 from cloudlet.protocol import credentials
 from cloudlet.protocol.wire import Status
 from cloudlet.relay.core import ATTACHED, CONNECTING, DETACHED, ENDED, Refused, SessionCore
+from cloudlet.relay.devices import DeviceGate
+from cloudlet.relay.interfaces import ClientSide, ServiceEntry
 from cloudlet.relay.ledger import ENDED as ENDED_RECORD
 from cloudlet.relay.ledger import STARTED as STARTED_RECORD
 from cloudlet.relay.ledger import SessionLedger
-from cloudlet.relay.interfaces import ClientSide, ServiceEntry
 from cloudlet.relay.metrics import SessiondMetrics
 from cloudlet.relay.session import Session, UpstreamProtocol
 from cloudlet.relay.splice import AVAILABLE as SPLICE_AVAILABLE
@@ -60,6 +61,7 @@ class SessionManager:
         peer_admission: Admission | None = None,
         held_budget: int = 256 << 20,
         ledger: SessionLedger | None = None,
+        devices: DeviceGate | None = None,
     ) -> None:
         self.cloudlet = cloudlet
         self.secret = secret
@@ -87,6 +89,7 @@ class SessionManager:
             peer_admission = Admission("sessiond peer endpoint", max_open, max_pending, max_pending)
         self.admission, self.peer_admission = admission, peer_admission
         self.refusal_log = Throttle(log, 10.0)
+        self.devices = devices if devices is not None else DeviceGate()
         self.held_budget = held_budget  # backend bytes all detached sessions together may hold
         self.held_total = 0
         self.budget_paused: set[Session] = set()
@@ -102,7 +105,20 @@ class SessionManager:
             raise Refused(Status.BAD_CREDENTIAL, str(exc)) from None
         if service is not None and cred.service != service:
             raise Refused(Status.WRONG_SERVICE, f"credential belongs to service {cred.service!r}, not {service!r}")
+        if cred.device:
+            why = self.devices.refusal(cred.device)
+            if why is not None:
+                raise Refused(Status.DEVICE_REFUSED, why)
         return cred
+
+    def end_device(self, device: str, reason: str) -> int:
+        """End every session this cloudlet holds or forwards for ``device`` (it was revoked)."""
+        ended = [s for s in self.sessions.values() if s.device == device]
+        for s in ended:
+            s.end(reason)
+        for f in [f for f in self.forwards if getattr(f, "device", "") == device]:
+            f.close()
+        return len(ended)
 
     def live_count(self) -> int:
         return len(self.sessions) + len(self.forwards)
@@ -136,7 +152,7 @@ class SessionManager:
             core = SessionCore(cred.nonce, service.name, cred.issued, resumable=down_received is not None,
                                grace_seconds=self.grace_seconds, drain_seconds=self.header_timeout,
                                buffer_bytes=self.buffer_bytes, replay_bytes=self.replay_bytes)
-            s = Session(core, service, self)
+            s = Session(core, service, self, device=cred.device)
             s.ready = self.loop.create_future()
             self.sessions[cred.nonce] = s
             host, port = service.backend_hostport

@@ -30,6 +30,7 @@ class SessiondMetrics:
         )
         self.bytes = Counter("cloudlet_session_bytes_total", "Bytes relayed (up = client to backend)", ["direction"], registry=r)
         self.refusals = Counter("cloudlet_refusals_total", "Connections refused, by status code", ["code"], registry=r)
+        self.pings = Counter("cloudlet_pings", "Nearness probes answered (op PING)", registry=r)
         self.header_errors = Counter("cloudlet_header_errors_total", "Malformed, oversized, truncated or slow headers", registry=r)
         self.services = Gauge("cloudlet_services", "Services this sessiond listens for", registry=r)
         self.splice_upgrades = Counter("cloudlet_splice_upgrades_total", "Attachments moved to the splice fast path", registry=r)

@@ -83,10 +83,11 @@ class Session:
     """One session at the anchor (see the module docstring)."""
 
     __slots__ = ("core", "service", "host", "since", "upstream", "attached", "draining", "joining", "grace_timer",
-                 "drain_timer", "splice", "ready", "splice_up", "splice_down", "counted_up", "counted_down", "held_seen")
+                 "drain_timer", "splice", "ready", "splice_up", "splice_down", "counted_up", "counted_down", "held_seen", "device")
 
-    def __init__(self, core: SessionCore, service: ServiceEntry, host: SessionHost) -> None:
+    def __init__(self, core: SessionCore, service: ServiceEntry, host: SessionHost, device: str = "") -> None:
         self.core = core
+        self.device = device  # the device the session's credential was issued to ("" for none)
         self.service = service
         self.host = host
         self.since = time.time()

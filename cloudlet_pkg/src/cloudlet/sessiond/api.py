@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from cloudlet.common.addresses import format_address
 from cloudlet.common.jsonbody import loads_bounded
 from cloudlet.protocol import credentials
+from cloudlet.relay.devices import DeviceGate
 from cloudlet.relay.interfaces import ServiceEntry
 from cloudlet.relay.manager import SessionManager
 from cloudlet.sessiond.config import SessiondConfig
@@ -42,6 +43,13 @@ class Controlled(Protocol):
 
     async def delete_service(self, name: str) -> None: ...
 
+    def put_device(self, device: str, expires: Any, revoked: Any) -> bool: ...
+
+    def delete_device(self, device: str) -> bool: ...
+
+    @property
+    def devices(self) -> DeviceGate: ...
+
     def peers_status(self) -> list[dict[str, Any]]: ...
 
     def metrics_text(self) -> bytes: ...
@@ -62,6 +70,9 @@ def build_control_app(daemon: Controlled) -> web.Application:
         web.get("/v1/sessions", _h_sessions),
         web.delete("/v1/sessions/{key}", _h_session_delete),
         web.get("/v1/peers", _h_peers),
+        web.get("/v1/devices", _h_devices),
+        web.put("/v1/devices/{device}", _h_device_put),
+        web.delete("/v1/devices/{device}", _h_device_delete),
         web.get("/metrics", _h_metrics),
     ])
     return app
@@ -142,6 +153,28 @@ async def _h_session_delete(request: web.Request) -> web.Response:
             raise ApiError(404, "not_found", "no live session for this credential (it is now retired)")
     elif not m.end_id(key, "ended_by_api"):
         raise ApiError(404, "not_found", f"no live session {key!r}")
+    return web.Response(status=204)
+
+
+async def _h_devices(request: web.Request) -> web.Response:
+    return web.json_response({"devices": [d.to_json() for d in request.app[DAEMON].devices.all()]})
+
+
+async def _h_device_put(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    try:
+        body = loads_bounded(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_request", f"body must be a JSON object: {exc}") from None
+    if not isinstance(body, dict) or set(body) - {"expires", "revoked"} or "expires" not in body:
+        raise ApiError(400, "bad_request", 'body must be {"expires": UNIX_SECONDS, "revoked": BOOL}')
+    changed = d.put_device(request.match_info["device"], body["expires"], body.get("revoked", False))
+    return web.json_response({"device": request.match_info["device"], "changed": changed})
+
+
+async def _h_device_delete(request: web.Request) -> web.Response:
+    if not request.app[DAEMON].delete_device(request.match_info["device"]):
+        raise ApiError(404, "not_found", f"no device {request.match_info['device']!r}")
     return web.Response(status=204)
 
 

@@ -21,15 +21,16 @@ from cloudlet.common.logs import event
 from cloudlet.common.names import NAME_RULE, is_name
 from cloudlet.protocol import credentials
 from cloudlet.relay.connection import ServerConnection
+from cloudlet.relay.devices import DeviceGate, DeviceState
 from cloudlet.relay.interfaces import ServiceEntry
 from cloudlet.relay.ledger import SessionLedger
 from cloudlet.relay.manager import SessionManager
 from cloudlet.relay.metrics import SessiondMetrics
 from cloudlet.sessiond.api import ApiError, build_control_app, build_metrics_app
 from cloudlet.sessiond.config import SessiondConfig
-from cloudlet.sessiond.peers import make_connector
 from cloudlet.sessiond.ledger_file import FileJournal
-from cloudlet.sessiond.store import ServiceStore
+from cloudlet.sessiond.peers import make_connector
+from cloudlet.sessiond.store import DeviceStore, ServiceStore
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class Sessiond:
     def __init__(self, config: SessiondConfig, connector: Any = None) -> None:
         self.config = config
         self.store = ServiceStore(Path(config.state_dir) / "services.json")
+        self.device_store = DeviceStore(Path(config.state_dir) / "devices.json")
+        self.devices = DeviceGate()
         self.journal = FileJournal(Path(config.state_dir) / "sessions.log")
         self.ledger: SessionLedger | None = None
         self._connector = connector
@@ -95,7 +98,9 @@ class Sessiond:
             peer_admission=Admission("sessiond peer endpoint", max_open, max_pending, max_pending),
             held_budget=int(cfg.held_bytes_budget),
             ledger=self.ledger,
+            devices=self.devices,
         )
+        self.devices.load(self.device_store.load())
         self.metrics.watch_admission("service", self.manager.admission)
         self.metrics.watch_admission("peer", self.manager.peer_admission)
         start = getattr(connector, "start", None)
@@ -199,6 +204,30 @@ class Sessiond:
                 await self.put_service(item.name, item.backend, item.port, item.listen)
             except ApiError as exc:
                 event(log, logging.ERROR, "cannot restore service", service=item.name, error=str(exc))
+
+    def put_device(self, device: str, expires: Any, revoked: Any) -> bool:
+        """The controller's word on one device; a revoked device's live sessions end here at once."""
+        if not is_name(device):
+            raise ApiError(400, "bad_request", f"invalid device id {device!r}: use {NAME_RULE}")
+        if not isinstance(expires, int) or isinstance(expires, bool) or expires < 0:
+            raise ApiError(400, "bad_request", "expires must be Unix seconds (an integer)")
+        if not isinstance(revoked, bool):
+            raise ApiError(400, "bad_request", "revoked must be true or false")
+        changed = self.devices.put(DeviceState(device, expires, revoked))
+        if changed:
+            self.device_store.save(self.devices.all())
+            event(log, logging.INFO, "device updated", device=device, expires=expires, revoked=revoked)
+        if revoked and self.manager is not None:
+            ended = self.manager.end_device(device, "device_revoked")
+            if ended:
+                event(log, logging.INFO, "revoked device's sessions ended", device=device, sessions=ended)
+        return changed
+
+    def delete_device(self, device: str) -> bool:
+        found = self.devices.forget(device)
+        if found:
+            self.device_store.save(self.devices.all())
+        return found
 
     def service_json(self, entry: ServiceEntry) -> dict[str, Any]:
         assert self.manager is not None

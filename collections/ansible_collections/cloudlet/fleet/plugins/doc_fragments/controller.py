@@ -31,6 +31,12 @@ options:
       - Verify the controller's TLS certificate when O(controller_url) uses C(https).
     type: bool
     default: true
+  ca_path:
+    description:
+      - PEM file of the CA that signed the controller's certificate (the fleet CA the roles create,
+        C(fleet-ca.crt) in the credentials directory), for O(validate_certs).
+      - If not set, the environment variable E(CLOUDLET_CA_PATH) is used, then the system's CAs.
+    type: path
   timeout:
     description:
       - Seconds to wait for one HTTP request to the controller.

@@ -47,6 +47,7 @@ CONTROLLER_ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
         "fallback": (env_fallback, ["CLOUDLET_CONTROLLER_TOKEN"]),
     },
     "validate_certs": {"type": "bool", "default": True},
+    "ca_path": {"type": "path", "fallback": (env_fallback, ["CLOUDLET_CA_PATH"])},
     "timeout": {"type": "float", "default": 120.0},
 }
 
@@ -109,10 +110,12 @@ def _is_timeout(reason: object) -> bool:
 class ControllerClient:
     """One cloudlet controller: JSON requests with the bearer token, errors as ``ControllerError``."""
 
-    def __init__(self, url: str, token: str, validate_certs: bool = True, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, token: str, validate_certs: bool = True, timeout: float = 120.0,
+                 ca_path: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.validate_certs = validate_certs
+        self.ca_path = ca_path
         self.timeout = timeout
         self._cloudlet: str | None = None
         self._health_error: ControllerError | None = None
@@ -125,6 +128,7 @@ class ControllerClient:
             params["controller_token"],
             validate_certs=params["validate_certs"],
             timeout=params["timeout"],
+            ca_path=params.get("ca_path"),
         )
 
     # -- transport -------------------------------------------------------------------------------
@@ -152,6 +156,7 @@ class ControllerClient:
                 headers=headers,
                 method=method,
                 validate_certs=self.validate_certs,
+                ca_path=self.ca_path,
                 timeout=self.timeout if timeout is None else timeout,
                 follow_redirects="none",
                 http_agent="ansible-cloudlet.fleet",

@@ -85,7 +85,7 @@ session:
     - The session credential (C(v1.<service>.<issued>.<nonce>.<mac>)). A secret.
   returned: when O(state=present), not in check mode
   type: str
-  sample: v1.echo.1764136800.q3J0V1pX3k9s2Q0xWm8yTg.4mJ7Y2pQn2x1Vt0bZcR9aw
+  sample: v2.echo.a..1764136800.q3J0V1pX3k9s2Q0xWm8yTg.4mJ7Y2pQn2x1Vt0bZcR9aw
 id:
   description: Session ID (the credential's nonce), as used in logs and metrics. Not a secret.
   returned: when O(state=present), not in check mode

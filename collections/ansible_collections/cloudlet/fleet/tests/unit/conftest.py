@@ -109,7 +109,7 @@ class Handler(BaseHTTPRequestHandler):
             if parts[2] not in state.services:
                 return self._error(404, "not_found", "no service %r" % parts[2])
             state.counter += 1
-            credential = "v1.%s.1764136800.nonce%04d.mac" % (parts[2], state.counter)
+            credential = "v2.%s.%s..1764136800.nonce%04d.mac" % (parts[2], state.cloudlet, state.counter)
             state.sessions[credential] = parts[2]
             service = state.services[parts[2]]
             return self._send(

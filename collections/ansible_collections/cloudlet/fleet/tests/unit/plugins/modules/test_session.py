@@ -18,7 +18,7 @@ def test_issues_a_session_and_is_always_changed(controller, run_module):
 
     assert first.rc == 0, first.result
     assert first.result["changed"] is True and second.result["changed"] is True
-    assert first.result["session"] == "v1.echo.1764136800.nonce0001.mac"
+    assert first.result["session"] == "v2.echo.a..1764136800.nonce0001.mac"
     assert first.result["id"] == "nonce0001"
     assert first.result["host"] == "127.0.0.1"
     assert first.result["port"] == 31000
