@@ -31,6 +31,8 @@ step "rollout (ansible-playbook site.yml)"
 ansible-playbook site.yml
 step "launch the demo service (playbooks/launch.yml)"
 ansible-playbook playbooks/launch.yml
+step "a device credential for the client (playbooks/devices.yml)"
+ansible-playbook playbooks/devices.yml
 step "client: stream, move A -> B -> C, check"
 status=0
 python fleet/demo_client.py || status=$?

@@ -4,7 +4,9 @@
     demo_client.py [--name cloudlet] [--service demo] [--rate 500] [--seconds 6] [--blob-mib 16]
                    [--mode resumable|raw]
 
-1. asks cloudlet A's controller for a session credential of the demo service;
+1. as a device does: with its own device credential (the profile playbooks/devices.yml wrote:
+   credential, controller URLs, fleet CA), asks cloudlet A's controller over HTTPS for a session of
+   the demo service; the reply carries the fleet map, every cloudlet's session endpoint;
 2. attaches to A (the anchor), checks the service's per-connection state (INCR), measures the
    throughput of a BLOB read straight from A;
 3. starts a STREAM of numbered, timestamped lines; a third of the way in it moves to B with a clean
@@ -28,8 +30,11 @@ import argparse
 import asyncio
 import json
 import re
+import ssl
 import sys
 import time
+import tomllib
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,10 +47,15 @@ BLOB_CHUNK = 65536
 MSG_RE = re.compile(rb"MSG (\d+) (\d+)")
 
 
-def controller(url: str, token: str, method: str, path: str) -> dict:
+def controller(url: str, token: str, method: str, path: str, ca_pem: str) -> dict:
+    """One API call over HTTPS, the certificate verified against the fleet CA of the profile."""
     req = urllib.request.Request(url + path, method=method, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read() or b"{}")
+    ctx = ssl.create_default_context(cadata=ca_pem)
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=ctx) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        raise SystemExit(f"controller {url}: {method} {path}: {err.code} {err.read().decode(errors='replace')}") from None
 
 
 @dataclass
@@ -132,19 +142,24 @@ async def blob(lr: LineReader, size: int) -> tuple[float, int]:
 async def run(args: argparse.Namespace) -> Report:
     state = ROOT / ".cache" / "fleet" / args.name
     fleet = json.loads((state / "fleet.json").read_text())
-    token = (state / "credentials" / "controller.token").read_text().strip()
+    profile_path = Path(args.profile) if args.profile else state / "credentials" / "devices" / "demo-client.toml"
+    try:
+        profile = tomllib.loads(profile_path.read_text())["device"]
+    except OSError as exc:
+        raise SystemExit(f"no device profile {profile_path} ({exc.strerror}): run ansible-playbook playbooks/devices.yml") from None
     names = list(fleet["hosts"])[:3]
     if len(names) < 3:
         raise SystemExit("the demo needs three cloudlets")
     a, b, c = names
-    addr = {n: fleet["hosts"][n]["address"] for n in names}
-    ports = {}
-    for n in names:
-        svc = controller(f"http://{addr[n]}:{args.controller_port}", token, "GET", f"/v1/services/{args.service}")
-        if svc.get("state") != "running":
-            raise SystemExit(f"service {args.service} on {n} is {svc.get('state')}, not running")
-        ports[n] = int(svc["session_port"])
-    sess = controller(f"http://{addr[a]}:{args.controller_port}", token, "POST", f"/v1/services/{args.service}/sessions")
+    api = {n: f"https://{fleet['hosts'][n]['address']}:{args.controller_port}" for n in names}
+    if api[a] not in profile["controllers"]:
+        raise SystemExit(f"{api[a]} is not one of the profile's controllers {profile['controllers']}")
+    sess = controller(api[a], profile["credential"], "POST", f"/v1/services/{args.service}/sessions", profile["ca"])
+    where = {e["cloudlet"]: e for e in sess["map"]["cloudlets"]}  # the fleet map: no hand-written ports
+    if sorted(where) != sorted(names):
+        raise SystemExit(f"the fleet map lists {sorted(where)}, not {names}: is the service running everywhere?")
+    addr = {n: where[n]["host"] for n in names}
+    ports = {n: int(where[n]["port"]) for n in names}
     count = args.rate * args.seconds
     report = Report({n: f"{addr[n]}:{ports[n]}" for n in names}, args.service, count, args.rate, args.mode)
 
@@ -279,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="demo_client.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="cloudlet", help="fleet name (fleet/fleet.py --name)")
     parser.add_argument("--service", default="demo", help="service launched on every cloudlet")
-    parser.add_argument("--controller-port", type=int, default=8700)
+    parser.add_argument("--controller-port", type=int, default=8700, help="the controllers' HTTPS port")
+    parser.add_argument("--profile", help="device profile (default: the fleet's credentials/devices/demo-client.toml)")
     parser.add_argument("--rate", type=int, default=500, help="stream lines per second")
     parser.add_argument("--seconds", type=int, default=6, help="stream duration")
     parser.add_argument("--blob-mib", type=int, default=16, help="size of each throughput read")

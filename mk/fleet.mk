@@ -2,7 +2,7 @@
 # Local fleet = three cloudlet hosts as podman containers with systemd and sshd (fleet/fleet.py).
 
 FLEET_PY := $(PY) fleet/fleet.py
-FLEET_PLAYBOOKS := site.yml playbooks/launch.yml playbooks/reset.yml playbooks/uninstall.yml playbooks/status.yml
+FLEET_PLAYBOOKS := site.yml playbooks/launch.yml playbooks/reset.yml playbooks/uninstall.yml playbooks/status.yml playbooks/devices.yml
 # the roles and playbooks themselves ship in the collection (lint-collection lints them too)
 FLEET_ROLES := $(COLLECTION_DIR)/roles $(COLLECTION_DIR)/playbooks
 # Sources of the cloudlet wheel: the wheelhouse is rebuilt only when one of them changed, and with
@@ -45,7 +45,7 @@ demo-down: ## remove everything `make demo` created
 	$(FLEET_PY) down
 
 lint-fleet: ## yamllint, ansible-lint (production profile) and syntax check of roles, playbooks, molecule
-	yamllint -s $(FLEET_ROLES) inventory molecule $(FLEET_PLAYBOOKS)
+	yamllint -s $(FLEET_ROLES) inventory molecule $(FLEET_PLAYBOOKS) requirements.yml
 	ansible-lint --profile production $(FLEET_ROLES) molecule inventory $(FLEET_PLAYBOOKS)
 	ansible-playbook --syntax-check $(FLEET_PLAYBOOKS)
 

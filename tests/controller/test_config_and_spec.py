@@ -18,6 +18,7 @@ def test_defaults_and_full_config(tmp_path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
         '[controller]\ncloudlet = "edge-1"\nlisten = "0.0.0.0:9000"\nruntime = "kubernetes"\n'
+        'tls_cert_file = "/etc/c.crt"\ntls_key_file = "/etc/c.key"\n'
         'port_range = [32000, 32010]\nready_timeout_seconds = 12\nreconcile_interval_seconds = 2.5\n'
         'session_host = "192.0.2.1"\nmax_services = 7\n'
         '[podman]\nsocket = "/tmp/p.sock"\nnetwork = "net1"\n'

@@ -60,6 +60,9 @@ async def test_a_device_credential_does_what_it_may_and_nothing_else(stack: Stac
     status, fleet_map = await stack.api("GET", "/v1/services/demo/map", token=token)
     assert status == 200 and fleet_map["anchor"] == stack.cloudlet  # type: ignore[index]
     c = await attach_and_greet(sess)  # type: ignore[arg-type]
+    _, listed_sessions = await stack.sessiond("GET", "/v1/sessions")
+    assert [s["device"] for s in listed_sessions["sessions"]] == ["phone-1"]  # type: ignore[index]
+    assert '"device":"phone-1"' in (stack.dir / "sessiond.log").read_text()  # sessiond logs the id too
 
     # what it may not do: every refusal a clear 401/403 with a code
     refused = {

@@ -89,7 +89,8 @@ class Fleet:
         token_file.write_text(self.token + "\n")
         token_file.chmod(0o600)
         hosts = "".join(
-            f"    {s.cloudlet}:\n      cloudlet_controller_url: {s.controller_url}\n" for s in self.stacks
+            f"    {s.cloudlet}:\n      cloudlet_controller_url: {s.controller_url}\n"
+            f"      cloudlet_controller_api_url: {s.controller_url}\n" for s in self.stacks
         )
         self.inventory.write_text(
             "---\ncloudlets:\n  hosts:\n" + hosts
@@ -116,9 +117,9 @@ class Fleet:
         env.update(extra)
         return env
 
-    def playbook(self, *args: str, env: dict[str, str] | None = None) -> Run:
-        """``ansible-playbook playbooks/example_launch.yml -i <inventory> <args>``."""
-        cmd = [str(BIN / "ansible-playbook"), "-i", str(self.inventory), str(PLAYBOOK), *args]
+    def playbook(self, *args: str, env: dict[str, str] | None = None, playbook: Path = PLAYBOOK) -> Run:
+        """``ansible-playbook <playbook, default playbooks/example_launch.yml> -i <inventory> <args>``."""
+        cmd = [str(BIN / "ansible-playbook"), "-i", str(self.inventory), str(playbook), *args]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env or self.env(), cwd=REPO, timeout=300)
         return Run(cmd, done.returncode, done.stdout, done.stderr)
 

@@ -16,6 +16,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -112,11 +113,15 @@ class Stack:
     reconcile_interval: float = 0.5
     controller_extra: str = ""  # more [controller] keys, TOML lines
     listen: str = "127.0.0.1:0"
+    local_listen: str = ""  # the plain-HTTP loopback listener ("" = none)
     fleet_members: list[tuple[str, str]] = field(default_factory=list)  # [fleet] members: (name, api url)
+    fleet_ca_file: str = ""  # [fleet] ca_file: the CA of https members
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     sessiond_proc: subprocess.Popen[bytes] | None = None
     controller_proc: subprocess.Popen[bytes] | None = None
     controller_url: str = ""
+    local_url: str = ""  # the plain-HTTP loopback listener, when controller_extra sets local_listen
+    ca_file: str = ""  # trust this CA for an https controller_url
     port_base: int = field(default_factory=lambda: random.randrange(20000, 30000, 50))
     _http: aiohttp.ClientSession | None = None
 
@@ -142,7 +147,7 @@ class Stack:
             "[controller]\n"
             f'cloudlet = "{self.cloudlet}"\n'
             f'listen = "{self.listen}"\n'
-            'local_listen = ""\n'
+            f'local_listen = "{self.local_listen}"\n'
             f'state_dir = "{self.dir / "controller-state"}"\n'
             f'token_file = "{self.dir / "token"}"\n'
             f'secret_file = "{self.dir / "fleet.secret"}"\n'
@@ -158,6 +163,7 @@ class Stack:
             f'socket = "{podman_socket or self.podman_socket}"\n'
             + (f'[kubernetes]\nkubeconfig = "{kubeconfig}"\nnamespace = "edge"\n' if kubeconfig else "")
             + ("[fleet]\nmembers = [" + ", ".join(f'{{name = "{n}", api = "{u}"}}' for n, u in self.fleet_members) + "]\n"
+               + (f'ca_file = "{self.fleet_ca_file}"\n' if self.fleet_ca_file else "")
                if self.fleet_members else "")
         )
 
@@ -202,11 +208,11 @@ class Stack:
                     except ValueError:
                         continue
                     if rec.get("msg") == "controller listening":
-                        return str(rec["address"])
+                        self.local_url = f"http://{rec['local']}" if rec.get("local") else ""
+                        return f"{'https' if rec.get('tls') else 'http'}://{rec['address']}"
             return None
 
-        address = await poll(listening, 30, "controller to listen")
-        self.controller_url = f"http://{address}"
+        self.controller_url = await poll(listening, 30, "controller to listen")
 
     def _stop(self, proc: subprocess.Popen[bytes] | None, sig: int) -> None:
         if proc is None or proc.poll() is not None:
@@ -235,7 +241,9 @@ class Stack:
     async def api(self, method: str, path: str, body: object = None, token: str | None = "default",
                   raw: bytes | None = None) -> tuple[int, object]:
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+            ssl_ctx = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
+                                               connector=aiohttp.TCPConnector(ssl=ssl_ctx) if ssl_ctx else None)
         headers = {}
         if token is not None:
             headers["Authorization"] = f"Bearer {self.token if token == 'default' else token}"

@@ -52,14 +52,16 @@ def test_services_enabled_and_running(host, unit):
 
 def test_ports_listen_only_where_they_should(host):
     listening = set(host.socket.get_listening_sockets())
-    # The peer endpoint and metrics: loopback only. The controller API and the demo service's
+    # The peer endpoint, metrics, the controller's plain HTTP: loopback only. The controller API (TLS) and the demo service's
     # session port: every address. sshd: every address.
     assert "tcp://127.0.0.1:7700" in listening
     assert "tcp://127.0.0.1:9701" in listening
     assert "tcp://0.0.0.0:8700" in listening
     assert "tcp://0.0.0.0:31000" in listening
     tcp = {s for s in listening if s.startswith("tcp")}
-    allowed = {"tcp://127.0.0.1:7700", "tcp://127.0.0.1:9701", "tcp://0.0.0.0:8700", "tcp://0.0.0.0:31000",
+    assert "tcp://127.0.0.1:8701" in listening  # the controller's plain-HTTP listener: loopback only
+    allowed = {"tcp://127.0.0.1:7700", "tcp://127.0.0.1:9701", "tcp://0.0.0.0:8700", "tcp://127.0.0.1:8701",
+               "tcp://0.0.0.0:31000",
                "tcp://0.0.0.0:22", "tcp://:::22"}
     assert tcp <= allowed, f"unexpected listeners: {sorted(tcp - allowed)}"
 
@@ -129,3 +131,84 @@ def test_handover_end_to_end():
     assert report["blob_bytes_wrong"] == 0 and report["blob_bytes_checked"] == 2 * (8 << 20)
     assert report["same_backend_connection"]
     assert report["received_lines"] + report["lost_lines"] == report["stream_lines"]
+
+
+# -- device access: TLS from the fleet CA, a device credential on every cloudlet -------------------
+
+STATE = ROOT / ".cache" / "fleet" / FLEET
+DEVICES = STATE / "credentials" / "devices"
+CA_FILE = STATE / "credentials" / "ca" / "ca.crt"
+
+
+def fleet_addresses() -> dict[str, str]:
+    hosts = json.loads((STATE / "fleet.json").read_text())["hosts"]
+    return {name: h["address"] for name, h in hosts.items()}
+
+
+def https(url: str, token: str, method: str = "GET", ctx=None) -> tuple[int, dict]:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=ctx or ssl.create_default_context(cafile=CA_FILE)) as r:
+            body = r.read()
+            return r.status, json.loads(body) if body else {}
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_controller_api_is_https_with_a_certificate_of_the_fleet_ca():
+    import socket
+    import ssl
+
+    for name, address in fleet_addresses().items():
+        status, health = https(f"https://{address}:8700/v1/health", "")
+        assert status == 200 and health["cloudlet"] == name
+        with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
+            with socket.create_connection((address, 8700), timeout=10) as raw:
+                ssl.create_default_context().wrap_socket(raw, server_hostname=address)  # no fleet CA
+        with pytest.raises(ssl.SSLCertVerificationError, match="match"):
+            with socket.create_connection((address, 8700), timeout=10) as raw:
+                ssl.create_default_context(cafile=CA_FILE).wrap_socket(raw, server_hostname="not-a-cloudlet.example")
+
+
+def test_device_profile_gives_sessions_and_the_map_on_every_cloudlet():
+    import tomllib
+
+    profile = tomllib.loads((DEVICES / "demo-client.toml").read_text())["device"]
+    addresses = fleet_addresses()
+    assert sorted(profile["controllers"]) == sorted(f"https://{a}:8700" for a in addresses.values())
+    for url in profile["controllers"]:
+        status, sess = https(url + "/v1/services/demo/sessions", profile["credential"], "POST")
+        assert status == 201, sess
+        assert sess["device"] == "demo-client"
+        assert sorted(e["cloudlet"] for e in sess["map"]["cloudlets"]) == sorted(addresses)
+        status, err = https(url + "/v1/services", profile["credential"])
+        assert status == 403 and err["error"]["code"] == "forbidden"
+        status, _ = https(url + "/v1/sessions/" + sess["session"], profile["credential"], "DELETE")
+        assert status in (204, 404)  # never attached: nothing live to end
+
+
+def test_a_revoked_device_is_refused_on_every_cloudlet():
+    token = (STATE / "credentials" / "controller.token").read_text().strip()
+    credential = (DEVICES / "molecule-tablet.credential").read_text().strip()
+    urls = [f"https://{a}:8700" for a in fleet_addresses().values()]
+    for url in urls:
+        status, _ = https(url + "/v1/services/demo/sessions", credential, "POST")
+        assert status == 201
+    for url in urls:
+        status, _ = https(url + "/v1/devices/molecule-tablet", token, "DELETE")
+        assert status == 204
+    for url in urls:
+        status, err = https(url + "/v1/services/demo/sessions", credential, "POST")
+        assert status == 401 and err["error"]["code"] == "device_revoked"
+
+
+def test_no_device_secret_in_any_daemon_log(host):
+    for device in ("demo-client", "molecule-tablet"):
+        secret = (DEVICES / f"{device}.secret").read_text().strip()
+        logs = host.check_output("journalctl --no-pager -o cat -u cloudlet-controller -u cloudlet-sessiond")
+        assert secret not in logs
+        assert f'"device":"{device}"' in logs  # the id is logged, the secret never

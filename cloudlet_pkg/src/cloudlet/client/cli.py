@@ -135,9 +135,10 @@ async def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    print(f"{'ID':<24} {'SERVICE':<16} {'STATE':<10} {'UP':>12} {'DOWN':>12} {'BUFFERED':>10}")
+    print(f"{'ID':<24} {'SERVICE':<16} {'DEVICE':<16} {'STATE':<10} {'UP':>12} {'DOWN':>12} {'BUFFERED':>10}")
     for s in data.get("sessions", []):
-        print(f"{s['id']:<24} {s['service']:<16} {s['state']:<10} {s['bytes_up']:>12} {s['bytes_down']:>12} {s['buffered']:>10}")
+        print(f"{s['id']:<24} {s['service']:<16} {s.get('device') or '-':<16} {s['state']:<10} {s['bytes_up']:>12} "
+              f"{s['bytes_down']:>12} {s['buffered']:>10}")
     return 0
 
 

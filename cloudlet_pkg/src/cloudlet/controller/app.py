@@ -272,6 +272,14 @@ async def list_devices(request: web.Request) -> web.Response:
     return web.json_response({"devices": [r.to_json() for r in request.app[DEVICES].all()]})
 
 
+async def get_device(request: web.Request) -> web.Response:
+    record = request.app[DEVICES].get(request.match_info["device"])
+    if record is None:
+        raise ControllerError(404, "not_found", f"no device {request.match_info['device']} on cloudlet "
+                              f"{request.app[CONFIG].cloudlet}")
+    return web.json_response(record.to_json())
+
+
 async def put_device(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     device = request.match_info["device"]
@@ -329,6 +337,7 @@ def build_app(manager: ServiceManager, token: str, devices: DeviceRegistry, flee
     app.router.add_post("/v1/services/{name}/sessions", create_session)
     app.router.add_get("/v1/services/{name}/map", service_map)
     app.router.add_get("/v1/devices", list_devices)
+    app.router.add_get("/v1/devices/{device}", get_device)
     app.router.add_put("/v1/devices/{device}", put_device)
     app.router.add_delete("/v1/devices/{device}", revoke_device)
     app.router.add_delete("/v1/sessions/{credential}", delete_session)

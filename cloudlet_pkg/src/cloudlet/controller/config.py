@@ -83,6 +83,8 @@ class ControllerConfig(Section):
     local_listen: str = "127.0.0.1:8701"  # plain HTTP for local tools, loopback only ("" = none)
     tls_cert_file: str = ""  # this controller's certificate (signed by the fleet CA), PEM, chain included
     tls_key_file: str = ""
+    # plain HTTP on a non-loopback `listen` (a lab behind its own TLS proxy); never for a real fleet
+    insecure_plain_http: bool = False
     token_file: str = "/etc/cloudlet/controller.token"
     secret_file: str = "/etc/cloudlet/fleet.secret"
     runtime: Literal["podman", "kubernetes"] = "podman"
@@ -120,6 +122,10 @@ class ControllerConfig(Section):
     def _tls_pair(self) -> ControllerConfig:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        host, _ = parse_hostport(self.listen, "address")
+        if not self.tls_cert_file and not self.insecure_plain_http and not is_loopback(host or "0.0.0.0"):
+            raise ValueError(f"listen {self.listen} is not loopback: serve it over TLS (tls_cert_file, tls_key_file; "
+                             "the roles make them from the fleet CA) or set insecure_plain_http = true")
         return self
 
     @field_validator("port_range")

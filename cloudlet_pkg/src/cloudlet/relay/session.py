@@ -139,8 +139,8 @@ class Session:
         return self.attached
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "service": self.service.name, "state": self.state, "since": round(self.since, 3),
-                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "buffered": self.buffered}
+        return {"id": self.id, "service": self.service.name, "device": self.device, "state": self.state,
+                "since": round(self.since, 3), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "buffered": self.buffered}
 
     # -- from the manager ----------------------------------------------------------------------
     def attach(self, conn: ClientSide, rest: bytes, via_peer: bool, after_fin: bool = False,
@@ -273,7 +273,10 @@ class Session:
             elif isinstance(cmd, c.Count):
                 self._count(cmd.metric, cmd.n)
             elif isinstance(cmd, c.Log):
-                event(log, cmd.level, cmd.msg, **cmd.fields)
+                if self.device:
+                    event(log, cmd.level, cmd.msg, device=self.device, **cmd.fields)
+                else:
+                    event(log, cmd.level, cmd.msg, **cmd.fields)
             elif isinstance(cmd, c.Ended):
                 self._cancel_timer(c.GRACE)
                 self._cancel_timer(c.DRAIN)

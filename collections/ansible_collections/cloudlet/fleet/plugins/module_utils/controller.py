@@ -69,6 +69,8 @@ CAUSES: dict[str, str] = {
     "tls": "TLS certificate validation failed",
     "bad_response": "unexpected answer from the controller",
     "invalid_name": "invalid name",
+    "invalid_argument": "invalid module argument",
+    "forbidden": "the credential may not do this (403 forbidden)",
 }
 """Every ``ControllerError.cause`` with the words used for it in messages."""
 
@@ -95,7 +97,7 @@ class ControllerError(Exception):
 
 
 def check_name(kind: str, name: str) -> None:
-    """Refuse a service or cloudlet name the controller would refuse, before any request."""
+    """Refuse a service, cloudlet or device name the controller would refuse, before any request."""
     if not NAME_PATTERN.match(name):
         raise ControllerError(
             "invalid_name",
@@ -313,6 +315,37 @@ class ControllerClient:
         if not isinstance(body, dict) or not body.get("session"):
             raise ControllerError("bad_response", "POST /v1/services/%s/sessions answered without a session" % service, status)
         return body
+
+    # -- devices ---------------------------------------------------------------------------------
+
+    def get_device(self, device: str) -> dict[str, t.Any] | None:
+        """The device record (hash, scope, expiry, revoked), or None if this cloudlet has none."""
+        try:
+            status, body = self.request("GET", "/v1/devices/%s" % quote(device, safe=""))
+        except ControllerError as err:
+            if err.cause == "not_found":
+                return None
+            raise
+        if not isinstance(body, dict) or not isinstance(body.get("sha256"), str):
+            raise ControllerError("bad_response", "GET /v1/devices/%s answered %r" % (device, body), status)
+        return body
+
+    def put_device(self, device: str, record: dict[str, t.Any]) -> str:
+        """Register the device; ``created``, ``changed`` or ``unchanged``."""
+        status, body = self.request("PUT", "/v1/devices/%s" % quote(device, safe=""), body=record)
+        if not isinstance(body, dict) or body.get("result") not in ("created", "changed", "unchanged"):
+            raise ControllerError("bad_response", "PUT /v1/devices/%s answered %r" % (device, body), status)
+        return body["result"]
+
+    def revoke_device(self, device: str) -> bool:
+        """Revoke the device; False if this cloudlet does not know it."""
+        try:
+            self.request("DELETE", "/v1/devices/%s" % quote(device, safe=""))
+        except ControllerError as err:
+            if err.cause == "not_found":
+                return False
+            raise
+        return True
 
     def end_session(self, credential: str) -> bool:
         """End the session; False if the controller does not know it."""

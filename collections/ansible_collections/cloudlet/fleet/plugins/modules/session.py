@@ -82,7 +82,7 @@ EXAMPLES = r"""
 RETURN = r"""
 session:
   description:
-    - The session credential (C(v1.<service>.<issued>.<nonce>.<mac>)). A secret.
+    - The session credential (C(v2.<service>.<anchor>.<device>.<issued>.<nonce>.<mac>)). A secret.
   returned: when O(state=present), not in check mode
   type: str
   sample: v2.echo.a..1764136800.q3J0V1pX3k9s2Q0xWm8yTg.4mJ7Y2pQn2x1Vt0bZcR9aw
@@ -130,9 +130,9 @@ from ansible_collections.cloudlet.fleet.plugins.module_utils.controller import (
 
 
 def session_id(credential: str) -> str | None:
-    """The nonce of ``v1.<service>.<issued>.<nonce>.<mac>``, or None for another shape."""
+    """The nonce of ``v2.<service>.<anchor>.<device>.<issued>.<nonce>.<mac>``, or None for another shape."""
     parts = credential.split(".")
-    return parts[3] if len(parts) == 5 else None
+    return parts[5] if len(parts) == 7 and parts[0] == "v2" else None
 
 
 def issue(module: AnsibleModule, client: ControllerClient, name: str) -> dict[str, t.Any]:

@@ -48,6 +48,7 @@ class ControllerState:
     images: set[str] = field(default_factory=lambda: {KNOWN_IMAGE, "localhost/cloudlet-demo:v2"})
     services: dict[str, dict[str, t.Any]] = field(default_factory=dict)
     sessions: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, dict[str, t.Any]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     next_port: int = 31000
     delay: float = 0.0
@@ -118,11 +119,45 @@ class Handler(BaseHTTPRequestHandler):
                  "cloudlet": state.cloudlet, "host": "127.0.0.1", "port": service["session_port"],
                  "issued": 1764136800},
             )
+        if len(parts) == 3 and parts[:2] == ["v1", "devices"]:
+            return self._device(parts[2], body)
         if len(parts) == 3 and parts[:2] == ["v1", "sessions"] and self.command == "DELETE":
             if state.sessions.pop(parts[2], None) is None:
                 return self._error(404, "not_found", "no such session")
             return self._send(204)
         return self._error(404, "not_found", "no route %s %s" % (self.command, path))
+
+    def _device(self, device: str, body: t.Any) -> None:
+        """The device endpoints of docs/api.md, with the controller's validation."""
+        state = self.server.state
+        current = state.devices.get(device)
+        if self.command == "GET":
+            if current is None:
+                return self._error(404, "not_found", "no device %s" % device)
+            return self._send(200, current)
+        if self.command == "DELETE":
+            if current is None:
+                return self._error(404, "not_found", "no device %s" % device)
+            current["revoked"] = True
+            return self._send(204)
+        if self.command == "PUT":
+            if not isinstance(body, dict) or set(body) - {"sha256", "services", "expires", "description"}:
+                return self._error(400, "bad_request", "unknown field(s)")
+            if len(body.get("sha256", "")) != 64 or not isinstance(body.get("expires"), int):
+                return self._error(400, "bad_request", "sha256 and expires are required")
+            if body["expires"] <= time.time():
+                return self._error(400, "bad_request", "expires is in the past")
+            record = {"device": device, "sha256": body["sha256"], "services": sorted(set(body["services"])),
+                      "expires": body["expires"], "revoked": False, "created": 1764136800,
+                      "description": body.get("description", "")}
+            if current == record:
+                return self._send(200, {"device": device, "result": "unchanged", "services": record["services"],
+                                        "expires": record["expires"]})
+            state.devices[device] = record
+            return self._send(201 if current is None else 200,
+                              {"device": device, "result": "created" if current is None else "changed",
+                               "services": record["services"], "expires": record["expires"]})
+        return self._error(405, "bad_request", "method not allowed")
 
     def _service(self, name: str, body: t.Any) -> None:
         state = self.server.state
