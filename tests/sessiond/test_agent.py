@@ -75,7 +75,7 @@ async def test_redis_cli_keeps_its_connection_across_switches(make_sessiond, red
     agent = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cloudlet", "agent", "run", "--listen", "127.0.0.1:0",
         "--cloudlet", f"a=127.0.0.1:{ea.port}", "--cloudlet", f"b=127.0.0.1:{eb.port}",
-        "--credential-file", str(cred_file), "--control-socket", control,
+        "--credential-file", str(cred_file), "--control-socket", control, "--policy", "pinned",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         assert agent.stdout is not None
@@ -119,8 +119,8 @@ async def test_failed_switch_falls_back_and_the_program_notices_nothing(make_ses
     try:
         a = await make_sessiond("a")
         ea, _ = await a.put_service("echo", echo.address)
-        agent = Agent(issue("echo"), {"a": ("127.0.0.1", ea.port), "dead": ("127.0.0.1", 1)}, "a", "a",
-                      control_socket=str(tmp_path / "agent.sock"))
+        agent = Agent({"a": ("127.0.0.1", ea.port), "dead": ("127.0.0.1", 1)}, "a", credential=issue("echo"),
+                      anchor="a")
         await agent.start()
         r, w = await asyncio.open_connection(*agent.address)
         w.write(b"one")
@@ -153,11 +153,12 @@ async def test_switches_without_fin_lose_nothing_in_resumable_mode(make_sessiond
         b.manager.connector = make_connector({"a": {"transport": "tcp", "address": peer_addr(a)}})
         ea, _ = await a.put_service("echo", echo.address)
         eb, _ = await b.put_service("echo", echo.address)
-        agent = Agent(issue("echo"), {"a": ("127.0.0.1", ea.port), "b": ("127.0.0.1", eb.port)}, "a", "a")
+        agent = Agent({"a": ("127.0.0.1", ea.port), "b": ("127.0.0.1", eb.port)}, "a", credential=issue("echo"),
+                      anchor="a")
         assert agent.resumable  # the default
         await agent.start()
         r, w = await asyncio.open_connection(*agent.address)
-        await wait_for(lambda: agent.client is not None and agent.client.writer is not None, what="the session")
+        await wait_for(lambda: any(c.client.writer is not None for c in agent.carriers), what="the session")
         total = 50_000
         got = bytearray()
 

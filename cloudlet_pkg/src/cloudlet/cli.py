@@ -22,7 +22,7 @@ COMPONENTS: tuple[tuple[str, str, str], ...] = (
     ("sessiond", "cloudlet.sessiond.main", "node"),
     ("controller", "cloudlet.controller.main", "node"),
     ("device", "cloudlet.controller.device_cli", "node"),
-    ("agent", "cloudlet.client.agent", ""),
+    ("agent", "cloudlet.client.agent_cli", ""),
     ("session", "cloudlet.client.cli", ""),
     ("image", "cloudlet.images", ""),
 )

@@ -1,64 +1,241 @@
 """`cloudlet agent`: a local TCP port through which unmodified programs use a cloudlet service.
 
-The agent accepts one local connection (for example ``redis-cli -p 6380``), speaks the session
-protocol upstream, and switches cloudlet on command (``cloudlet agent switch --to b`` or
-``POST /v1/switch`` on its control socket) without the local connection noticing: the new
-connection attaches while both directions keep flowing on the old one (make-before-break, see
-``SessionClient.handover``), and a refused or unreachable cloudlet leaves the old connection as it
-was. A later local connection resumes the same session (``--on-local-close detach``, the default)
-or the agent ends it (``end``).
+Every local connection (``redis-benchmark -c 50`` opens fifty) is carried in its own session
+(a :class:`Carrier`: the program's socket and a :class:`~cloudlet.client.SessionClient`). With a
+device profile (``--profile``) each new connection gets a new session from the controller of the
+cloudlet the agent is at, with the device's own credential; with a single session credential
+(``--credential-file``) the agent carries one connection at a time in that one session.
+
+All carriers move together: on command (``cloudlet agent switch``), or by themselves when another
+cloudlet is nearer (:mod:`cloudlet.client.nearness`: PING probes, a margin, a hold time) or the
+current one stops answering (a move without FIN; protocol mode 2 loses nothing). A carrier whose
+upstream breaks (a forwarder restarted, a tunnel or link gone: the connection is reset) attaches
+again through the best reachable cloudlet and resumes where it was; only the anchor's end of the
+session (FIN: END, backend closed, grace expiry) or a refusal that means it (SESSION_ENDED,
+SESSION_LOST, REPLAY_UNAVAILABLE, EXPIRED, DEVICE_REFUSED) closes the program's connection.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
+import itertools
 import logging
-import os
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
-from cloudlet.client import SessionClient, SessionRefused
-from cloudlet.common.addresses import parse_hostport
-from cloudlet.common.httpserver import HttpServer
-from cloudlet.common.logs import event, setup_logging
-from cloudlet.protocol.credentials import anchor_of
+from cloudlet.client.fleet import FleetError, SessionIssuer, controllers, endpoints
+from cloudlet.client.library import SessionClient, SessionRefused, StreamGap, ping
+from cloudlet.client.nearness import Nearness, NearnessConfig
+from cloudlet.common.logs import Throttle, event
+from cloudlet.protocol.wire import Status
 
 log = logging.getLogger(__name__)
 READ_SIZE = 256 * 1024
+UPSTREAM_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, RuntimeError, asyncio.IncompleteReadError)
+# refusals that mean the session is over (no other cloudlet can resume it)
+TERMINAL = frozenset({Status.SESSION_ENDED, Status.SESSION_LOST, Status.REPLAY_UNAVAILABLE, Status.EXPIRED,
+                      Status.DEVICE_REFUSED, Status.BAD_CREDENTIAL, Status.WRONG_SERVICE})
+
+
+class SessionOver(Exception):
+    """The session cannot go on (the anchor ended it, or no cloudlet could resume it in time)."""
+
+
+@dataclass(eq=False)
+class Carrier:
+    """One program connection and the session that carries it."""
+
+    agent: Agent
+    client: SessionClient
+    anchor: str
+    cloudlet: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    id: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    gen: int = 0  # +1 per move or heal: a pump that failed on an older path does not heal twice
+    heals: int = 0
+    closed_because: str = ""
+
+    def target_for(self, name: str) -> str:
+        return "" if name == self.anchor else self.anchor
+
+    async def _move(self, to: str, fin: bool) -> None:
+        host, port = self.agent.cloudlets[to]
+        await self.client.handover(host, port, self.target_for(to), fin=fin)
+        self.cloudlet = to
+        self.gen += 1
+
+    async def move(self, to: str, fin: bool) -> None:
+        """Move this carrier's session (the agent moves all of them together)."""
+        async with self.lock:
+            if self.cloudlet != to or self.client.writer is None:
+                await self._move(to, fin)
+
+    async def heal(self, gen: int, error: BaseException) -> None:
+        """The path broke: attach again through the best reachable cloudlet (mode 2 resumes exactly)."""
+        agent = self.agent
+        async with self.lock:
+            if gen != self.gen:
+                return  # already moved or healed since that path failed
+            failed = self.cloudlet
+            started = time.monotonic()
+            agent.log_throttle.event(logging.WARNING, "upstream broke, attaching again", f"heal:{failed}",
+                                     connection=self.id, cloudlet=failed, error=str(error) or type(error).__name__)
+            delay = 0.02
+            while True:
+                for name in agent.heal_order(failed):
+                    try:
+                        await self._move(name, fin=False)
+                    except SessionRefused as exc:
+                        if exc.status in TERMINAL:
+                            raise SessionOver(str(exc)) from None
+                        continue
+                    except StreamGap as exc:
+                        raise SessionOver(str(exc)) from None
+                    except UPSTREAM_ERRORS:
+                        continue
+                    self.heals += 1
+                    agent.heals += 1
+                    agent.last_heal_ms = round((time.monotonic() - started) * 1000, 3)
+                    event(log, logging.INFO, "attached again", connection=self.id, frm=failed, to=name,
+                          ms=agent.last_heal_ms)
+                    return
+                if time.monotonic() - started > agent.heal_timeout:
+                    raise SessionOver(f"no cloudlet could resume the session within {agent.heal_timeout:g} s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    async def _up(self) -> None:
+        client = self.client
+        while True:
+            try:
+                data = await self.reader.read(READ_SIZE)
+            except (ConnectionError, OSError):
+                data = b""
+            if not data:
+                return
+            while True:
+                gen, before = self.gen, client.up_offset
+                try:
+                    await client.send(data)
+                    break
+                except UPSTREAM_ERRORS as exc:
+                    await self.heal(gen, exc)
+                    if client.resumable and client.up_offset != before:
+                        break  # it is in the replay ring: the attach resent it
+
+    async def _down(self) -> str:
+        client = self.client
+        while True:
+            gen = self.gen
+            try:
+                data = await client.recv(READ_SIZE)
+            except SessionRefused as exc:
+                if exc.status in TERMINAL:
+                    raise SessionOver(str(exc)) from None
+                await self.heal(gen, exc)
+                continue
+            except StreamGap as exc:
+                raise SessionOver(str(exc)) from None
+            except UPSTREAM_ERRORS as exc:
+                await self.heal(gen, exc)
+                continue
+            if not data:
+                return "session ended by the server"
+            try:
+                self.writer.write(data)
+                await self.writer.drain()
+            except (ConnectionError, OSError, RuntimeError):
+                return "local connection broke"
+
+    async def run(self) -> None:
+        up = asyncio.create_task(self._up())
+        down = asyncio.create_task(self._down())
+        try:
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            up.cancel()
+            down.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+            raise
+        if down.done():  # the session is over (or the program stopped reading)
+            up.cancel()
+            await asyncio.gather(up, return_exceptions=True)
+            exc = down.exception()
+            self.closed_because = str(exc) if exc is not None else down.result()
+            self.writer.close()
+            await self.agent.carrier_done(self, local_closed=False)
+            return
+        down.cancel()  # the program closed its side
+        await asyncio.gather(down, return_exceptions=True)
+        exc = up.exception()
+        if isinstance(exc, SessionOver):
+            self.closed_because = str(exc)
+            self.writer.close()
+            await self.agent.carrier_done(self, local_closed=False)
+            return
+        self.closed_because = "closed by the program"
+        async with self.lock:
+            await self.agent.carrier_done(self, local_closed=True)
 
 
 @dataclass
 class Agent:
-    credential: str
-    cloudlets: dict[str, tuple[str, int]]
-    anchor: str
+    """The device's agent. Either ``fleet`` (a device profile) or ``credential`` (one session) is set."""
+
+    cloudlets: dict[str, tuple[str, int]]  # name -> the service's session endpoint there
     current: str
+    service: str = ""
+    fleet: SessionIssuer | None = None  # FleetClient: the controllers, with the device credential
+    credential: str = ""
+    anchor: str = ""  # with a single credential: its anchor
+    apis: dict[str, str] = field(default_factory=dict)  # name -> controller URL (device profile)
     listen: tuple[str, int] = ("127.0.0.1", 0)
-    control_socket: str | None = None
-    on_local_close: str = "detach"
-    timeout: float = 10.0
-    resumable: bool = True  # protocol mode 2: a switch without FIN loses nothing
+    on_local_close: str = ""  # end | detach (default: end with a profile, detach with one credential)
+    timeout: float = 5.0
+    resumable: bool = True  # protocol mode 2: moves and heals without FIN lose nothing
+    nearness: NearnessConfig | None = None  # None: never probe (moves only when told)
+    max_connections: int = 64
+    heal_timeout: float = 30.0
+    credential_max_age: float = 3600.0  # a spare session credential is renewed when older
+    map_refresh_seconds: float = 30.0
+    # state
+    carriers: set[Carrier] = field(default_factory=set)
+    local_connections: int = 0  # being opened or carried
     switches: int = 0
+    heals: int = 0
+    sessions_opened: int = 0
+    connections_refused: int = 0
+    credentials_renewed: int = 0
     last_switch_ms: float | None = None
-    client: SessionClient | None = None
+    last_heal_ms: float | None = None
+    last_switch: dict[str, Any] = field(default_factory=dict)
     server: asyncio.Server | None = None
-    _local: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-    _down: asyncio.Task[None] | None = None
+    policy: Nearness = field(init=False)
+    log_throttle: Throttle = field(default_factory=lambda: Throttle(log, 5.0))
+    _single: SessionClient | None = None  # the one session of a single credential (kept across connections)
     _switch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _control: HttpServer | None = None
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+    _spares: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    _map_at: float = 0.0
 
-    def _target_for(self, name: str) -> str:
-        return "" if name == self.anchor else self.anchor
+    def __post_init__(self) -> None:
+        if (self.fleet is None) == (not self.credential):
+            raise ValueError("give either a device profile (fleet) or a single session credential")
+        if self.current not in self.cloudlets:
+            raise ValueError(f"cloudlet {self.current!r} is not in the map ({', '.join(sorted(self.cloudlets))})")
+        if not self.on_local_close:
+            self.on_local_close = "end" if self.fleet is not None else "detach"
+        if self.fleet is None:
+            self.max_connections = 1
+        self.policy = Nearness(self.current, self.nearness or NearnessConfig(policy="pinned"))
+        self.policy.set_cloudlets(list(self.cloudlets))
 
+    # -- lifecycle ---------------------------------------------------------------------------
     @property
     def address(self) -> tuple[str, int]:
         assert self.server is not None
@@ -67,254 +244,296 @@ class Agent:
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle_local, *self.listen, limit=READ_SIZE)
-        if self.control_socket:
-            await self._start_control()
-        event(log, logging.INFO, "agent listening", listen=self.address, cloudlet=self.current, anchor=self.anchor)
+        if self.nearness is not None:
+            self._spawn(self._probe_loop())
+        event(log, logging.INFO, "agent listening", listen="%s:%d" % self.address, cloudlet=self.current,
+              policy=self.policy.config.policy, cloudlets=sorted(self.cloudlets))
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-        if self._control is not None:
-            await self._control.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(str(self.control_socket))
-        if self._local is not None:
-            self._local[1].close()
-        if self.client is not None:
-            await self.client.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for c in list(self.carriers):
+            c.writer.close()
+            await c.client.close()
+        if self._single is not None:
+            await self._single.close()
+        if self.fleet is not None:
+            await self.fleet.close()
 
-    # -- the local connection ----------------------------------------------------------------
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- where to go -------------------------------------------------------------------------
+    def heal_order(self, failed: str) -> list[str]:
+        """Cloudlets to attach through after ``failed`` broke: the current choice if it is not the
+        one that failed, then the others nearest first, the failed one last (a restarted daemon)."""
+        order = [self.current] if self.current != failed and self.current in self.cloudlets else []
+        order += [n for n in self.policy.ranked(frozenset({failed, *order})) if n in self.cloudlets]
+        return order + ([failed] if failed in self.cloudlets else [])
+
+    # -- local connections -------------------------------------------------------------------
     async def _handle_local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._local is not None:
-            event(log, logging.WARNING, "second local connection refused (one session per agent)")
+        if self.local_connections >= self.max_connections:
+            self.connections_refused += 1
+            why = ("a single session credential carries one connection at a time (run the agent with --profile "
+                   "to give each connection its own session)" if self.fleet is None
+                   else f"the agent's connection limit ({self.max_connections}, --max-connections) is reached")
+            self.log_throttle.event(logging.WARNING, "local connection refused", "limit", reason=why,
+                                    connections=self.local_connections)
             writer.close()
             return
-        self._local = (reader, writer)
-        host, port = self.cloudlets[self.current]
-        client = self.client  # one session per agent: a later local connection resumes it, offsets and all
-        if client is None:
-            client = SessionClient(host, port, self.credential, self._target_for(self.current), self.timeout,
-                                   resumable=self.resumable)
-        else:
-            client.host, client.port, client.target = host, port, self._target_for(self.current)
-            client.clear_pending()  # what the last detach drained went to the previous program
+        self.local_connections += 1
         try:
-            reply = await client.open()
-        except (SessionRefused, OSError, asyncio.TimeoutError) as exc:
-            event(log, logging.ERROR, "cannot open the session", cloudlet=self.current, error=str(exc))
-            writer.close()
-            self._local = None
-            return
-        self.client = client
-        event(log, logging.INFO, "local connection attached", cloudlet=self.current, resumed=reply.resumed)
-        self._down = asyncio.create_task(self._pump_down(writer))
-        try:
-            while True:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    break
-                await self.client.send(data)
-        except (ConnectionError, OSError) as exc:
-            event(log, logging.INFO, "local or upstream connection broke", error=str(exc))
-        async with self._switch_lock:
-            if self._down is not None and not self._down.done():
-                self._down.cancel()
-                await asyncio.gather(self._down, return_exceptions=True)
-            if self.client is not None and self.client.writer is not None:
-                with contextlib.suppress(OSError, asyncio.TimeoutError):
-                    if self.on_local_close == "end":
-                        await self.client.end()
-                    else:
-                        rest = await self.client.detach()
-                        if rest and not writer.is_closing():
-                            writer.write(rest)
-            writer.close()
-            self._local = None
-            event(log, logging.INFO, "local connection closed", action=self.on_local_close)
+            await self._carry(reader, writer)
+        finally:
+            self.local_connections -= 1
 
-    async def _pump_down(self, writer: asyncio.StreamWriter) -> None:
-        assert self.client is not None
+    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cid = next(self._ids)
         try:
-            while True:
-                data = await self.client.recv(READ_SIZE)
-                if not data:  # the server closed: backend gone or session ended
-                    event(log, logging.INFO, "session closed by the server")
-                    writer.close()
-                    return
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
+            client, anchor, at = await self._open_session()
+        except (SessionRefused, FleetError, SessionOver, *UPSTREAM_ERRORS) as exc:
+            self.connections_refused += 1
+            event(log, logging.ERROR, "cannot open a session for a local connection", connection=cid,
+                  cloudlet=self.current, error=str(exc) or type(exc).__name__)
             writer.close()
+            return
+        carrier = Carrier(self, client, anchor, at, reader, writer, cid)
+        self.carriers.add(carrier)
+        event(log, logging.DEBUG, "local connection attached", connection=cid, cloudlet=at, anchor=anchor,
+              resumed=bool(client.last_reply and client.last_reply.resumed))
+        if at != self.current:  # the agent moved while this one was opening
+            with contextlib.suppress(SessionRefused, *UPSTREAM_ERRORS):
+                await carrier.move(self.current, fin=True)
+        await carrier.run()
+
+    async def _open_session(self) -> tuple[SessionClient, str, str]:
+        """A session for a new local connection, attached at the current cloudlet (or the next best)."""
+        if self.fleet is None:
+            client = self._single
+            if client is None:
+                client = self._single = SessionClient(
+                    *self.cloudlets[self.current], self.credential, "", self.timeout, cloudlets=self.cloudlets,
+                    anchor=self.anchor, resumable=self.resumable)
+            else:
+                client.clear_pending()  # what the last detach drained went to the previous program
+            anchor = self.anchor
+        else:
+            reply = await self._new_credential(self.current)
+            anchor = str(reply["cloudlet"])
+            client = SessionClient(*self.cloudlets[self.current], str(reply["session"]), "", self.timeout,
+                                   cloudlets=self.cloudlets, anchor=anchor, resumable=self.resumable)
+            self.sessions_opened += 1
+        last: BaseException | None = None
+        for name in self.heal_order(failed=""):
+            client.host, client.port = self.cloudlets[name]
+            client.target = "" if name == anchor else anchor
+            try:
+                await client.open()
+                return client, anchor, name
+            except SessionRefused as exc:
+                if exc.status in TERMINAL:
+                    raise
+                last = exc
+            except UPSTREAM_ERRORS as exc:
+                last = exc
+        raise last if last is not None else SessionOver("no cloudlet to attach to")
+
+    async def _new_credential(self, at: str) -> dict[str, Any]:
+        """A session reply from ``at``'s controller (a spare one if it is fresh), else any controller's."""
+        assert self.fleet is not None
+        spare = self._spares.pop(at, None)
+        if spare is not None and time.monotonic() - spare[0] < self.credential_max_age:
+            self._spawn(self._refill(at))
+            return spare[1]
+        order = [at] + [n for n in self.policy.ranked(frozenset({at})) if n in self.apis]
+        errors = []
+        for name in order:
+            api = self.apis.get(name)
+            if api is None:
+                continue
+            try:
+                reply = await self.fleet.new_session(self.service, api)
+            except FleetError as exc:
+                if exc.status in (401, 403):
+                    raise
+                errors.append(str(exc))
+                continue
+            if name == at:
+                self._spawn(self._refill(at))
+            return reply
+        raise FleetError("no controller gave a session: " + ("; ".join(errors) or "none known in the fleet map"))
+
+    async def _refill(self, at: str) -> None:
+        """Keep one spare session credential of ``at`` (a new connection then costs no API call)."""
+        if self.fleet is None or at in self._spares or at not in self.apis:
+            return
+        with contextlib.suppress(FleetError):
+            reply = await self.fleet.new_session(self.service, self.apis[at])
+            self._spares[at] = (time.monotonic(), reply)
+
+    async def carrier_done(self, carrier: Carrier, local_closed: bool) -> None:
+        """A carrier ends: the program closed (end or detach the session), or the session is over."""
+        self.carriers.discard(carrier)
+        client = carrier.client
+        if local_closed and client.writer is not None:
+            with contextlib.suppress(SessionRefused, *UPSTREAM_ERRORS):
+                if self.on_local_close == "end":
+                    await client.end()
+                else:
+                    rest = await client.detach()
+                    if rest and not carrier.writer.is_closing():
+                        carrier.writer.write(rest)
+        elif not local_closed:
+            self.log_throttle.event(logging.INFO, "session over, local connection closed", "over",
+                                    connection=carrier.id, reason=carrier.closed_because)
+        carrier.writer.close()
+        if client is not self._single:
+            await client.close()
+        event(log, logging.DEBUG, "local connection closed", connection=carrier.id, reason=carrier.closed_because)
 
     # -- switching ---------------------------------------------------------------------------
-    async def switch(self, to: str, fin: bool = True) -> dict[str, Any]:
+    async def switch(self, to: str, fin: bool = True, reason: str = "manual") -> dict[str, Any]:
+        """Move every carrier to ``to``. A clean switch (FIN) that moves none of them is undone."""
         if to not in self.cloudlets:
             raise KeyError(f"unknown cloudlet {to!r} (known: {', '.join(sorted(self.cloudlets))})")
         async with self._switch_lock:
             started = time.monotonic()
             previous = self.current
             self.current = to
-            resumed = None
-            if self._local is not None and self.client is not None and self.client.writer is not None:
-                host, port = self.cloudlets[to]
-                try:  # make-before-break: the pumps go on; on failure the old connection is kept
-                    reply = await self.client.handover(host, port, self._target_for(to), fin=fin)
-                except (SessionRefused, OSError, asyncio.TimeoutError):
-                    self.current = previous
-                    raise
-                resumed = reply.resumed
+            carriers = list(self.carriers)
+            results = await asyncio.gather(*(c.move(to, fin) for c in carriers), return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            for r in failed:
+                if not isinstance(r, (SessionRefused, *UPSTREAM_ERRORS)):
+                    raise r
+            if carriers and fin and len(failed) == len(carriers):
+                self.current = previous
+                raise failed[0]
+            if self._single is not None and not carriers:  # the next connection resumes there
+                self._single.host, self._single.port = self.cloudlets[to]
             self.switches += 1
             self.last_switch_ms = round((time.monotonic() - started) * 1000, 3)
-            event(log, logging.INFO, "switched cloudlet", frm=previous, to=to, fin=fin, ms=self.last_switch_ms)
-            return {"cloudlet": to, "previous": previous, "connected": resumed is not None, "ms": self.last_switch_ms}
+            self.policy.moved(to, asyncio.get_running_loop().time(), reason)
+            self.last_switch = {"from": previous, "to": to, "fin": fin, "reason": reason, "at": round(time.time(), 3),
+                                "ms": self.last_switch_ms, "moved": len(carriers) - len(failed), "failed": len(failed)}
+            event(log, logging.INFO, "switched cloudlet", frm=previous, to=to, fin=fin, reason=reason,
+                  ms=self.last_switch_ms, connections=len(carriers), failed=len(failed))
+            return {"cloudlet": to, "previous": previous, "connected": bool(carriers) and len(failed) < len(carriers),
+                    "ms": self.last_switch_ms, "moved": len(carriers) - len(failed), "failed": len(failed),
+                    "reason": reason}
 
+    # -- nearness ----------------------------------------------------------------------------
+    async def _probe(self, name: str) -> float | None:
+        host, port = self.cloudlets[name]
+        try:
+            return await ping(host, port, self.policy.config.timeout_seconds)
+        except (SessionRefused, *UPSTREAM_ERRORS):
+            return None
+
+    async def probe_round(self) -> None:
+        """One PING to every cloudlet, then the policy's decision (and a switch if it says so)."""
+        names = list(self.cloudlets)
+        rtts = await asyncio.gather(*(self._probe(n) for n in names))
+        for name, rtt in zip(names, rtts, strict=True):
+            self.policy.observe(name, rtt)
+        loop = asyncio.get_running_loop()
+        decision = self.policy.decide(loop.time())
+        if decision is not None and decision.to != self.current:
+            try:
+                await self.switch(decision.to, decision.fin, reason=decision.reason)
+            except (SessionRefused, *UPSTREAM_ERRORS) as exc:
+                self.log_throttle.event(logging.WARNING, "automatic switch failed", f"switch:{decision.to}",
+                                        to=decision.to, reason=decision.reason, error=str(exc) or type(exc).__name__)
+        stragglers = [c for c in self.carriers if c.cloudlet != self.current and not c.lock.locked()]
+        for c in stragglers:  # a carrier a switch could not move (or one that healed elsewhere)
+            self._spawn(self._catch_up(c))
+
+    async def _catch_up(self, carrier: Carrier) -> None:
+        with contextlib.suppress(SessionRefused, *UPSTREAM_ERRORS):
+            if self.policy.is_up(self.current):
+                await carrier.move(self.current, fin=True)
+
+    async def _probe_loop(self) -> None:
+        interval = self.policy.config.interval_seconds
+        while True:
+            started = time.monotonic()
+            await self.probe_round()
+            if self.fleet is not None:
+                await self._maintain()
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _maintain(self) -> None:
+        """Renew spare credentials before they age out; refresh the fleet map now and then."""
+        now = time.monotonic()
+        for at, (fetched, _) in list(self._spares.items()):
+            if now - fetched >= self.credential_max_age * 0.9:
+                del self._spares[at]
+                self.credentials_renewed += 1
+                self._spawn(self._refill(at))
+        if now - self._map_at >= self.map_refresh_seconds:
+            self._map_at = now
+            self._spawn(self.refresh_map())
+
+    async def refresh_map(self) -> None:
+        assert self.fleet is not None
+        try:
+            fleet_map = await self.fleet.fleet_map(self.service)
+        except FleetError as exc:
+            self.log_throttle.event(logging.WARNING, "fleet map refresh failed", "map", error=str(exc))
+            return
+        self.apply_map(fleet_map)
+
+    def apply_map(self, fleet_map: dict[str, Any]) -> None:
+        """Take a fleet map's cloudlets (one that left is dropped unless a carrier is there now)."""
+        new = endpoints(fleet_map)
+        if not new:
+            return
+        in_use = {c.cloudlet for c in self.carriers} | {self.current}
+        for name in list(self.cloudlets):
+            if name not in new and name not in in_use:
+                del self.cloudlets[name]  # the dict is shared with every SessionClient
+        self.cloudlets.update(new)
+        self.apis.update(controllers(fleet_map))
+        self.policy.set_cloudlets(list(self.cloudlets))
+
+    # -- reporting ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return {"cloudlet": self.current, "anchor": self.anchor, "cloudlets": sorted(self.cloudlets),
-                "mode": "resumable" if self.resumable else "raw",
-                "connected": self._local is not None, "switches": self.switches, "last_switch_ms": self.last_switch_ms,
-                "listen": "%s:%d" % self.address}
+        return {"cloudlet": self.current, "anchor": self.anchor or None, "service": self.service or None,
+                "cloudlets": sorted(self.cloudlets), "policy": self.policy.config.policy,
+                "mode": "resumable" if self.resumable else "raw", "connections": len(self.carriers),
+                "connected": bool(self.carriers), "switches": self.switches, "last_switch_ms": self.last_switch_ms,
+                "last_switch": self.last_switch or None, "heals": self.heals, "last_heal_ms": self.last_heal_ms,
+                "sessions_opened": self.sessions_opened, "connections_refused": self.connections_refused,
+                "credentials_renewed": self.credentials_renewed, "nearness": self.policy.status(),
+                "listen": "%s:%d" % self.address if self.server else None}
 
-    # -- control socket ----------------------------------------------------------------------
-    async def _start_control(self) -> None:
-        app = web.Application(client_max_size=64 * 1024)
-        app.add_routes([web.get("/v1/status", self._h_status), web.post("/v1/switch", self._h_switch)])
-        self._control = HttpServer(app, "agent control socket")
-        path = Path(str(self.control_socket))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        await self._control.start_unix(str(path), mode=0o600)
+    def metrics(self) -> str:
+        """Prometheus text exposition of the agent's counters and each cloudlet's RTT."""
+        lines = []
 
-    async def _h_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.status())
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.extend([f"# HELP cloudlet_agent_{name} {help_}", f"# TYPE cloudlet_agent_{name} {kind}"])
+            lines.extend(f"cloudlet_agent_{name}{labels} {value:g}" for labels, value in samples)
 
-    async def _h_switch(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-            to = body["to"]
-            fin = bool(body.get("fin", True))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return web.json_response({"error": {"code": "bad_request", "message": 'body must be {"to": NAME, "fin": true}'}}, status=400)
-        try:
-            return web.json_response(await self.switch(str(to), fin))
-        except KeyError as exc:
-            return web.json_response({"error": {"code": "not_found", "message": str(exc.args[0])}}, status=404)
-        except (SessionRefused, OSError, asyncio.TimeoutError) as exc:
-            return web.json_response({"error": {"code": "switch_failed", "message": str(exc) or type(exc).__name__}}, status=502)
-
-
-# -- command line ----------------------------------------------------------------------------
-def _parse_cloudlets(items: list[str]) -> dict[str, tuple[str, int]]:
-    out = {}
-    for item in items:
-        name, sep, addr = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--cloudlet {item!r}: expected NAME=HOST:PORT")
-        try:
-            out[name] = parse_hostport(addr, f"--cloudlet {name}")
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
-    return out
-
-
-async def _run(args: argparse.Namespace) -> int:
-    cloudlets = _parse_cloudlets(args.cloudlet)
-    cred = args.credential or (Path(args.credential_file).read_text().strip() if args.credential_file
-                               else os.environ.get("CLOUDLET_SESSION"))
-    if not cred:
-        raise SystemExit("give --credential-file, --credential or CLOUDLET_SESSION")
-    # the credential names its anchor (the only cloudlet that holds the session)
-    anchor = args.anchor or anchor_of(cred) or args.cloudlet[0].partition("=")[0]
-    at = args.at or anchor
-    for name in (anchor, at):
-        if name not in cloudlets:
-            raise SystemExit(f"cloudlet {name!r} not given with --cloudlet")
-    agent = Agent(cred, cloudlets, anchor, at, parse_hostport(args.listen, "--listen"), args.control_socket,
-                  args.on_local_close, resumable=args.mode == "resumable")
-    await agent.start()
-    print(json.dumps({"listen": "%s:%d" % agent.address, "control_socket": args.control_socket}), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await agent.stop()
-    return 0
-
-
-async def _control(socket_path: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    import aiohttp
-
-    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=socket_path)) as http:
-        async with http.request(method, f"http://agent{path}", json=body) as resp:
-            return resp.status, await resp.json()
-
-
-def _switch(args: argparse.Namespace) -> int:
-    try:
-        status, data = asyncio.run(_control(args.control_socket, "POST", "/v1/switch", {"to": args.to, "fin": not args.no_fin}))
-    except OSError as exc:
-        print(f"cloudlet agent switch: cannot reach the agent at {args.control_socket}: {exc}", file=sys.stderr)
-        return 4
-    print(json.dumps(data))
-    return 0 if status == 200 else 1
-
-
-def _status(args: argparse.Namespace) -> int:
-    try:
-        _, data = asyncio.run(_control(args.control_socket, "GET", "/v1/status"))
-    except OSError as exc:
-        print(f"cloudlet agent status: cannot reach the agent at {args.control_socket}: {exc}", file=sys.stderr)
-        return 4
-    print(json.dumps(data, indent=2))
-    return 0
-
-
-DEFAULT_CONTROL = "/run/cloudlet/agent.sock"
-
-
-def register(subparsers: Any) -> None:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "agent", help="local port for unmodified programs; switches cloudlet on command",
-        description="Run the device-side agent (run), or tell a running agent to switch cloudlet (switch) "
-        "or report (status). See docs/agent.md.")
-    sub = parser.add_subparsers(dest="agent_command", metavar="ACTION")
-    run = sub.add_parser("run", help="run the agent", description="Listen locally and relay one program's "
-                         "connection through a cloudlet session, switching cloudlet on command.")
-    run.add_argument("--listen", default="127.0.0.1:6380", help="local HOST:PORT for the program (default 127.0.0.1:6380)")
-    run.add_argument("--cloudlet", action="append", required=True, metavar="NAME=HOST:PORT",
-                     help="a cloudlet and the service's session port on it (repeat)")
-    run.add_argument("--anchor", help="cloudlet that holds the session (default: the one the credential names)")
-    run.add_argument("--at", help="cloudlet to start at (default: the anchor)")
-    run.add_argument("--credential-file", help="file with the session credential (or CLOUDLET_SESSION)")
-    run.add_argument("--credential", help=argparse.SUPPRESS)
-    run.add_argument("--control-socket", default=DEFAULT_CONTROL, help=f"control socket (default {DEFAULT_CONTROL})")
-    run.add_argument("--on-local-close", choices=["detach", "end"], default="detach",
-                     help="when the program closes: keep the session for the next connection (detach) or end it")
-    run.add_argument("--mode", choices=["resumable", "raw"], default="resumable",
-                     help="session protocol mode: resumable (mode 2, the default: a switch without FIN loses "
-                     "nothing) or raw (mode 0)")
-    run.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
-                     help="event loop: uvloop if installed (auto, the default), or plain asyncio")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--log-format", default="text", choices=["json", "text"])
-
-    def _run_cmd(a: argparse.Namespace) -> int:
-        from cloudlet.common.loop import use_fast_loop
-
-        setup_logging(a.log_level, a.log_format)
-        use_fast_loop(a.loop)
-        return asyncio.run(_run(a))
-
-    run.set_defaults(func=_run_cmd)
-    sw = sub.add_parser("switch", help="move the agent's session to another cloudlet")
-    sw.add_argument("--to", required=True, help="cloudlet name (one of the agent's --cloudlet names)")
-    sw.add_argument("--no-fin", action="store_true", help="abandon the old connection without FIN (takeover)")
-    sw.add_argument("--control-socket", default=DEFAULT_CONTROL, help=f"agent control socket (default {DEFAULT_CONTROL})")
-    sw.set_defaults(func=_switch)
-    st = sub.add_parser("status", help="show the agent's cloudlet and connection")
-    st.add_argument("--control-socket", default=DEFAULT_CONTROL, help=f"agent control socket (default {DEFAULT_CONTROL})")
-    st.set_defaults(func=_status)
-    def _help(_: argparse.Namespace) -> int:
-        parser.print_help()
-        return 2
-
-    parser.set_defaults(func=_help)
+        metric("switches_total", "counter", "Moves of all connections to another cloudlet.", [("", self.switches)])
+        metric("heals_total", "counter", "Connections attached again after their path broke.", [("", self.heals)])
+        metric("sessions_opened_total", "counter", "Sessions asked of a controller.", [("", self.sessions_opened)])
+        metric("connections_refused_total", "counter", "Local connections closed at once (limit, no session).",
+               [("", self.connections_refused)])
+        metric("connections", "gauge", "Local connections carried now.", [("", len(self.carriers))])
+        status = self.policy.status()
+        metric("rtt_seconds", "gauge", "Median PING round trip of each cloudlet (NaN: none answered).",
+               [(f'{{cloudlet="{n}"}}', (s["rtt_ms"] / 1000.0) if isinstance(s["rtt_ms"], float) else float("nan"))
+                for n, s in status.items()])
+        metric("cloudlet_up", "gauge", "1 if the cloudlet answers its PING probes.",
+               [(f'{{cloudlet="{n}"}}', 1.0 if s["up"] else 0.0) for n, s in status.items()])
+        metric("current", "gauge", "1 for the cloudlet the agent's connections go through.",
+               [(f'{{cloudlet="{n}"}}', 1.0 if n == self.current else 0.0) for n in sorted(self.cloudlets)])
+        return "\n".join(lines) + "\n"

@@ -233,7 +233,8 @@ async def create_session(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     device = _device(request)
     cred, inst = await manager.issue_session(request.match_info["name"], device.device if device else "")
-    local = fleet_entry(manager.config.cloudlet, manager.config.session_host, inst.session_port)
+    local = fleet_entry(manager.config.cloudlet, manager.config.session_host, inst.session_port,
+                        str(request.url.origin()))
     return web.json_response(
         {
             "session": cred.token,
@@ -254,7 +255,8 @@ async def service_map(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     name = request.match_info["name"]
     inst = await manager.get(name)
-    local = (fleet_entry(manager.config.cloudlet, manager.config.session_host, inst.session_port)
+    local = (fleet_entry(manager.config.cloudlet, manager.config.session_host, inst.session_port,
+                         str(request.url.origin()))
              if inst is not None and inst.state == "running" else None)
     fleet_map = await request.app[FLEET].for_service(name, local)
     if not fleet_map["cloudlets"]:

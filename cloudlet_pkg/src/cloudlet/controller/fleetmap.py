@@ -27,8 +27,13 @@ PROBE = {"op": "ping", "how": "session protocol header with op 3 (PING): the ses
                               "without a session; the round trip is the nearness measure"}
 
 
-def entry(cloudlet: str, host: str, port: int) -> dict[str, Any]:
-    return {"cloudlet": cloudlet, "host": host, "port": port, "probe": {"host": host, "port": port, "op": "ping"}}
+def entry(cloudlet: str, host: str, port: int, api: str = "") -> dict[str, Any]:
+    """One cloudlet of a map; ``api``: its controller's URL (where a device asks it for a session)."""
+    out: dict[str, Any] = {"cloudlet": cloudlet, "host": host, "port": port,
+                           "probe": {"host": host, "port": port, "op": "ping"}}
+    if api:
+        out["api"] = api
+    return out
 
 
 class FleetMap:
@@ -64,7 +69,7 @@ class FleetMap:
         if not isinstance(svc, dict) or svc.get("state") != "running":
             return None
         try:
-            return entry(member.name, str(svc["session_host"]), int(svc["session_port"]))
+            return entry(member.name, str(svc["session_host"]), int(svc["session_port"]), member.api)
         except (KeyError, TypeError, ValueError):
             return None
 

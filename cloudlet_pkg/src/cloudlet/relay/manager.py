@@ -52,6 +52,7 @@ class SessionManager:
         buffer_bytes: int = 1 << 20,
         replay_bytes: int = 2 << 20,
         max_sessions: int = 100_000,
+        max_sessions_per_device: int = 256,
         header_timeout: float = 5.0,
         credential_lifetime: float = 86400.0,
         backend_connect_timeout: float = 5.0,
@@ -70,6 +71,8 @@ class SessionManager:
         self.buffer_bytes = buffer_bytes
         self.replay_bytes = replay_bytes
         self.max_sessions = max_sessions
+        self.max_sessions_per_device = max_sessions_per_device
+        self.device_sessions: dict[str, int] = {}  # live sessions anchored here, by device
         self.header_timeout = header_timeout
         self.credential_lifetime = credential_lifetime
         self.backend_connect_timeout = backend_connect_timeout
@@ -120,6 +123,22 @@ class SessionManager:
             f.close()
         return len(ended)
 
+    def _add(self, s: Session) -> None:
+        self.sessions[s.id] = s
+        if s.device:
+            self.device_sessions[s.device] = self.device_sessions.get(s.device, 0) + 1
+
+    def _remove(self, s: Session) -> None:
+        if self.sessions.get(s.id) is not s:
+            return
+        del self.sessions[s.id]
+        if s.device:
+            left = self.device_sessions.get(s.device, 1) - 1
+            if left > 0:
+                self.device_sessions[s.device] = left
+            else:
+                self.device_sessions.pop(s.device, None)
+
     def live_count(self) -> int:
         return len(self.sessions) + len(self.forwards)
 
@@ -149,19 +168,23 @@ class SessionManager:
                               "sessions is full); ask the controller for a new one")
             if self.live_count() >= self.max_sessions:
                 raise Refused(Status.TOO_MANY_SESSIONS, f"this cloudlet already holds {self.max_sessions} sessions")
+            if cred.device and self.device_sessions.get(cred.device, 0) >= self.max_sessions_per_device:
+                self.refusal_log.event(logging.WARNING, "device session limit reached", f"device-limit:{cred.device}",
+                                       device=cred.device, limit=self.max_sessions_per_device)
+                raise Refused(Status.TOO_MANY_SESSIONS, f"device {cred.device!r} already holds "
+                              f"{self.max_sessions_per_device} sessions here (max_sessions_per_device)")
             core = SessionCore(cred.nonce, service.name, cred.issued, resumable=down_received is not None,
                                grace_seconds=self.grace_seconds, drain_seconds=self.header_timeout,
                                buffer_bytes=self.buffer_bytes, replay_bytes=self.replay_bytes)
             s = Session(core, service, self, device=cred.device)
             s.ready = self.loop.create_future()
-            self.sessions[cred.nonce] = s
+            self._add(s)
             host, port = service.backend_hostport
             try:
                 _, up = await asyncio.wait_for(
                     self.loop.create_connection(lambda: UpstreamProtocol(s), host, port), self.backend_connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
-                if self.sessions.get(cred.nonce) is s:
-                    del self.sessions[cred.nonce]
+                self._remove(s)
                 s.core.backend_unavailable()
                 if not s.ready.done():
                     s.ready.set_exception(ConnectionError("backend unavailable"))
@@ -223,8 +246,7 @@ class SessionManager:
 
     def session_ended(self, s: Session, reason: str) -> None:
         self.budget_paused.discard(s)
-        if self.sessions.get(s.id) is s:
-            del self.sessions[s.id]
+        self._remove(s)
         self.ledger.ended(s.id, s.core.issued)
         self.metrics.sessions_ended.labels(reason).inc()
         self.count_bytes(s)

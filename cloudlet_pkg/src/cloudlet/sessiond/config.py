@@ -51,6 +51,7 @@ class SessiondConfig(Section):
     held_bytes_budget: Annotated[int, Field(ge=1024)] = 268435456  # all detached sessions together
     replay_bytes: Annotated[int, Field(ge=0)] = 2097152  # 0: resumable sessions replay nothing
     max_sessions: Annotated[int, Field(ge=1)] = 100000
+    max_sessions_per_device: Annotated[int, Field(ge=1)] = 256  # live sessions of one device credential here
     header_timeout_seconds: Positive = 5.0
     credential_lifetime_seconds: Positive = 86400.0
     # sessions remembered (started, ended) until their credential expires; beyond it, credentials
