@@ -35,3 +35,18 @@ def test_bench_handover_fin_moves_lose_nothing() -> None:
     assert r["kinds"]["no_fin"]["bytes_duplicated"] == 0
     for key in ("gap_ms_p50", "gap_ms_p99", "gap_ms_max"):
         assert r[key] > 0
+
+
+@pytest.mark.skipif(not shutil.which("redis-benchmark") or not shutil.which("redis-server"),
+                    reason="redis-server/redis-benchmark not installed (Debian packages redis-server, redis-tools)")
+def test_bench_mobility_follows_the_drive_and_loses_nothing() -> None:
+    r = bench("mobility", "--phase-seconds", "3")
+    for key in ("switches", "app_errors", "bytes_lost", "bytes_duplicated", "latency_ms_p50", "latency_ms_p99",
+                "oracle_latency_ms_p50", "stay_latency_ms_p50", "switch_delay_s_max"):
+        assert r[key] is not None, key
+    assert r["switches"] == 2 and r["runs"]["stay"]["switches"] == 0  # a -> b -> c by itself; stay stays
+    assert r["app_errors"] == 0 and r["bytes_lost"] == 0 and r["bytes_duplicated"] == 0
+    assert all(run["app_errors"] == 0 and run["bytes_duplicated"] == 0 for run in r["runs"].values())
+    assert r["runs"]["follow"]["requests"] > 50
+    assert len(r["runs"]["follow"]["switch_delays_s"]) == 2
+    assert r["switch_delay_s_max"] < 3  # it moved within the phase it was meant to

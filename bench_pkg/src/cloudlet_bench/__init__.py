@@ -19,6 +19,7 @@ BENCHMARKS: tuple[str, ...] = (
     "cloudlet_bench.migrate",
     "cloudlet_bench.repair",
     "cloudlet_bench.overload",
+    "cloudlet_bench.mobility",
 )
 
 
