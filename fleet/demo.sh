@@ -23,19 +23,25 @@ step "dependencies (.ci/install)"
 bash .ci/install
 step "wheelhouse (make wheelhouse)"
 make -s wheelhouse
-step "demo service image"
+step "service images (demo, redis)"
 cloudlet image build-demo
+cloudlet image build-redis
 step "local fleet: host image and hosts"
 python fleet/fleet.py up
 step "rollout (ansible-playbook site.yml)"
 ansible-playbook site.yml
 step "launch the demo service (playbooks/launch.yml)"
 ansible-playbook playbooks/launch.yml
+step "launch redis from its own image (playbooks/launch.yml)"
+ansible-playbook playbooks/launch.yml -e launch_name=redis -e launch_image=localhost/cloudlet-redis:latest \
+  -e launch_port=6379 -e '{"launch_limits": {"cpus": 1.0, "memory_mb": 256}}'
 step "a device credential for the client (playbooks/devices.yml)"
 ansible-playbook playbooks/devices.yml
 step "client: stream, move A -> B -> C, check"
 status=0
 python fleet/demo_client.py || status=$?
+step "agent: redis-benchmark while the device drives a -> b -> c and the agent follows by itself"
+python fleet/demo_drive.py || status=$?
 step "done"
 echo "== timings"
 printf '   %s\n' "${timings[@]}"

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 from cloudlet_bench.harness.latency import LatencyProxy
 from cloudlet_bench.harness.sessiond import Fleet, control
@@ -99,10 +100,24 @@ async def _agent_status(sock: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+AgentArgv = Callable[[str, str, dict[str, LatencyProxy]], list[str]]
+
+
+def bench_agent(secret_file: Path) -> AgentArgv:
+    """The agent of the bench: its own process, sessions from the fleet secret (no controller here)."""
+    def argv(kind: str, sock: str, proxies: dict[str, LatencyProxy]) -> list[str]:
+        return [sys.executable, "-m", "cloudlet_bench.mobility_device", "agent", "--secret-file", str(secret_file),
+                *[f"--cloudlet={n}={p.address[0]}:{p.address[1]}" for n, p in proxies.items()],
+                "--at", next(iter(proxies)), "--policy", "auto" if kind == "follow" else "pinned",
+                "--control-socket", sock]
+    return argv
+
+
 async def drive(args: argparse.Namespace, kind: str, net: DeviceNet, proxies: dict[str, LatencyProxy],
-                secret_file: Path, workdir: Path, redis_port: int) -> dict[str, Any]:
+                agent_argv: AgentArgv, workdir: Path) -> dict[str, Any]:
+    """One drive past ``proxies`` in order (``kind``: follow, oracle or stay); the figures of that run."""
     near_s, far_s = args.near_ms / 1000.0, args.far_ms / 1000.0
-    route = list(NAMES)
+    route = list(proxies)
 
     def set_near(name: str) -> None:
         for n, p in proxies.items():
@@ -112,10 +127,8 @@ async def drive(args: argparse.Namespace, kind: str, net: DeviceNet, proxies: di
     sock = str(workdir / f"agent-{kind}.sock")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     agent = await asyncio.create_subprocess_exec(
-        *net.prefix(), sys.executable, "-m", "cloudlet_bench.mobility_device", "agent", "--secret-file",
-        str(secret_file), *[f"--cloudlet={n}={p.address[0]}:{p.address[1]}" for n, p in proxies.items()],
-        "--at", route[0], "--policy", "auto" if kind == "follow" else "pinned", "--control-socket", sock,
-        stdout=asyncio.subprocess.PIPE, stderr=open(workdir / f"agent-{kind}.log", "wb"), env=env)
+        *net.prefix(), *agent_argv(kind, sock, proxies), stdout=asyncio.subprocess.PIPE,
+        stderr=open(workdir / f"agent-{kind}.log", "wb"), env=env)
     assert agent.stdout is not None
     port = int(json.loads(await asyncio.wait_for(agent.stdout.readline(), 30))["listen"].rsplit(":", 1)[1])
     await asyncio.sleep(1.0)  # the agent's probes see every link before the programs start
@@ -158,9 +171,7 @@ async def drive(args: argparse.Namespace, kind: str, net: DeviceNet, proxies: di
     status = await _agent_status(sock)
     agent.terminate()
     await asyncio.wait_for(agent.wait(), 30)
-    counted = subprocess.run(["redis-cli", "-p", str(redis_port), "GET", key], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-    executed = int(counted) if counted.isdigit() else 0
+    executed = check["executed"] if check["executed"] is not None else check["acked"]
     in_flight = check["sent"] - check["acked"]
     lat = [s[1] * 1000 for s in check["samples"]]
     last_rps = [line for line in bench_text.splitlines() if "requests per second" in line or "rps=" in line]
@@ -222,25 +233,10 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             proxies[n] = await LatencyProxy(("127.0.0.1", port), listen=(net.host_ip, 0)).start()
         runs = {}
         for kind in ("follow", "oracle", "stay"):
-            runs[kind] = await drive(args, kind, net, proxies, fleet.secret_file, fleet.dir, redis_port)
-        follow, oracle, stay = runs["follow"], runs["oracle"], runs["stay"]
-        result = {
-            **{k: follow[k] for k in ("switches", "heals", "app_errors", "bytes_lost", "bytes_duplicated",
-                                      "latency_ms_p50", "latency_ms_p99", "requests")},
-            "oracle_latency_ms_p50": oracle["latency_ms_p50"], "oracle_latency_ms_p99": oracle["latency_ms_p99"],
-            "stay_latency_ms_p50": stay["latency_ms_p50"], "stay_latency_ms_p99": stay["latency_ms_p99"],
-            "switch_delay_s_max": max(follow["switch_delays_s"]) if follow["switch_delays_s"] else None,
-            "runs": runs, "hop": hop, "device_netns": net.netns, "near_ms": args.near_ms, "far_ms": args.far_ms,
-            "phase_seconds": args.phase_seconds, "connections": args.connections, "route": list(NAMES),
-        }
-        p50, o50, s50 = result["latency_ms_p50"], result["oracle_latency_ms_p50"], result["stay_latency_ms_p50"]
-        result["targets"] = {
-            "no_app_errors": all(r["app_errors"] == 0 for r in runs.values()),
-            "nothing_lost_or_duplicated": all(r["bytes_lost"] == 0 and r["bytes_duplicated"] == 0 for r in runs.values()),
-            "p50_within_1.2x_oracle": bool(p50 and o50 and p50 <= 1.2 * o50),
-            "p50_2x_better_than_staying": bool(p50 and s50 and s50 >= 2 * p50),
-            "switch_within_2s": result["switch_delay_s_max"] is not None and result["switch_delay_s_max"] <= 2.0,
-        }
+            runs[kind] = await drive(args, kind, net, proxies, bench_agent(fleet.secret_file), fleet.dir)
+        result = summary(runs)
+        result.update({"hop": hop, "device_netns": net.netns, "near_ms": args.near_ms, "far_ms": args.far_ms,
+                       "phase_seconds": args.phase_seconds, "connections": args.connections, "route": list(NAMES)})
         return result
     finally:
         for p in proxies.values():
@@ -253,6 +249,28 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             redis.wait(10)
         if net.netns:
             net.destroy()
+
+
+def summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The report: ``follow``'s figures at the top, the baselines beside them, the targets checked."""
+    follow, oracle, stay = runs["follow"], runs["oracle"], runs["stay"]
+    result = {
+        **{k: follow[k] for k in ("switches", "heals", "app_errors", "bytes_lost", "bytes_duplicated",
+                                  "latency_ms_p50", "latency_ms_p99", "requests")},
+        "oracle_latency_ms_p50": oracle["latency_ms_p50"], "oracle_latency_ms_p99": oracle["latency_ms_p99"],
+        "stay_latency_ms_p50": stay["latency_ms_p50"], "stay_latency_ms_p99": stay["latency_ms_p99"],
+        "switch_delay_s_max": max(follow["switch_delays_s"]) if follow["switch_delays_s"] else None,
+        "runs": runs,
+    }
+    p50, o50, s50 = result["latency_ms_p50"], result["oracle_latency_ms_p50"], result["stay_latency_ms_p50"]
+    result["targets"] = {
+        "no_app_errors": all(r["app_errors"] == 0 for r in runs.values()),
+        "nothing_lost_or_duplicated": all(r["bytes_lost"] == 0 and r["bytes_duplicated"] == 0 for r in runs.values()),
+        "p50_within_1.2x_oracle": bool(p50 and o50 and p50 <= 1.2 * o50),
+        "p50_2x_better_than_staying": bool(p50 and s50 and s50 >= 2 * p50),
+        "switch_within_2s": result["switch_delay_s_max"] is not None and result["switch_delay_s_max"] <= 2.0,
+    }
+    return result
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -76,8 +77,14 @@ async def _checker(args: argparse.Namespace) -> dict[str, Any]:
             break
         acked += 1
         samples.append((round(t0 - start, 4), round(t1 - t0, 6)))
+    executed = None  # what the server counted: a request executed twice shows here
+    if not errors:
+        writer.write(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key))
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, ValueError):
+            await asyncio.wait_for(reader.readline(), args.timeout)  # $<len>
+            executed = int((await asyncio.wait_for(reader.readline(), args.timeout)).strip())
     writer.close()
-    return {"sent": sent, "acked": acked, "wrong": wrong, "errors": errors, "request_bytes": len(request),
+    return {"sent": sent, "acked": acked, "executed": executed, "wrong": wrong, "errors": errors, "request_bytes": len(request),
             "samples": samples}
 
 

@@ -1,4 +1,4 @@
-"""`cloudlet image build-demo`: build the demo service image locally (no registry needed).
+"""`cloudlet image build-demo|build-redis`: build service images locally (no registry needed).
 
 The demo service (``data/demo/demo.c``, protocol in docs/demo-service.md) is compiled as a static
 binary with the host's gcc and put into a ``FROM scratch`` image with ``podman build``. The image
@@ -23,6 +23,14 @@ from pathlib import Path
 from typing import Any
 
 DEMO_IMAGE = "localhost/cloudlet-demo:latest"
+REDIS_IMAGE = "localhost/cloudlet-redis:latest"
+REDIS_CONTAINERFILE = """# redis-server of this machine and the libraries it links, nothing else (cloudlet image build-redis)
+FROM scratch
+COPY rootfs/ /
+USER 65534:65534
+EXPOSE 6379
+ENTRYPOINT ["/usr/bin/redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", "/tmp"]
+"""
 DEMO_PORT = 7000
 SOURCE_LABEL = "cloudlet.source-hash"
 _SOURCES = ("demo.c", "Containerfile")
@@ -117,6 +125,71 @@ def build_demo(
     return BuildResult(image, want, True, seconds)
 
 
+def _linked_files(binary: str) -> list[str]:
+    """``binary`` and every shared object ``ldd`` says it loads (the dynamic loader included)."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+    files = [binary]
+    for line in out.splitlines():
+        parts = line.split()
+        for part in parts:
+            if part.startswith("/") and os.path.exists(part):
+                files.append(part)
+    return sorted(set(files))
+
+
+def build_redis(image: str = REDIS_IMAGE, force: bool = False, podman: str = "podman", log: Any = None) -> BuildResult:
+    """A real redis service image: this machine's ``redis-server`` and its libraries, ``FROM scratch``.
+
+    For the agent's tests and the demo (``redis-benchmark`` through the agent); skipped when an image
+    built from the same binary exists.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.monotonic()
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BuildError("redis-server not found; install it (Debian: redis-server)")
+    binary = os.path.realpath(binary)
+    files = _linked_files(binary)
+    h = hashlib.sha256(REDIS_CONTAINERFILE.encode())
+    for f in files:
+        h.update(f.encode() + b"\0" + Path(f).read_bytes())
+    want = h.hexdigest()[:32]
+    if not force and image_source_hash(image, podman) == want:
+        log(f"== {image} is up to date (source hash {want})")
+        return BuildResult(image, want, False, time.monotonic() - start)
+    with tempfile.TemporaryDirectory(prefix="cloudlet-redis-") as tmp:
+        ctx = Path(tmp)
+        for f in files:
+            dest = ctx / "rootfs" / f.lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+        tmpdir = ctx / "rootfs" / "tmp"
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        tmpdir.chmod(0o1777)
+        if binary != "/usr/bin/redis-server":
+            target = ctx / "rootfs" / "usr" / "bin" / "redis-server"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(binary, target)
+        (ctx / "Containerfile").write_text(REDIS_CONTAINERFILE)
+        _run("build", [podman, "build", "--quiet", "--label", f"{SOURCE_LABEL}={want}", "-t", image, "-f",
+                       str(ctx / "Containerfile"), str(ctx)], log)
+    seconds = time.monotonic() - start
+    log(f"== built {image} ({len(files)} files) in {seconds:.1f} s")
+    return BuildResult(image, want, True, seconds)
+
+
+def _cmd_build_redis(args: argparse.Namespace) -> int:
+    try:
+        result = build_redis(args.tag, force=args.force, podman=args.podman)
+    except (BuildError, subprocess.CalledProcessError) as exc:
+        print(f"cloudlet image build-redis: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"image": result.image, "source_hash": result.source_hash,
+                          "built": result.built, "seconds": round(result.seconds, 3)}))
+    return 0
+
+
 def _cmd_build_demo(args: argparse.Namespace) -> int:
     try:
         result = build_demo(args.tag, force=args.force, podman=args.podman, cc=args.cc)
@@ -132,7 +205,7 @@ def _cmd_build_demo(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "image",
-        help="build the images cloudlets run (the demo service)",
+        help="build the images cloudlets run (the demo service, redis)",
         description="Build container images locally; no registry is needed.",
     )
     sub = parser.add_subparsers(dest="image_command", metavar="ACTION")
@@ -151,6 +224,15 @@ def register(subparsers: Any) -> None:
     build.add_argument("--cc", default="gcc", help="C compiler (default gcc)")
     build.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     build.set_defaults(func=_cmd_build_demo)
+    redis = sub.add_parser(
+        "build-redis", help=f"build {REDIS_IMAGE} from this machine's redis-server",
+        description="Put this machine's redis-server and the libraries it links into a FROM scratch image "
+        "(a real stateful service for the agent's demo and tests). Skips the build when nothing changed.")
+    redis.add_argument("--tag", default=REDIS_IMAGE, help=f"image name (default {REDIS_IMAGE})")
+    redis.add_argument("--force", action="store_true", help="rebuild even if the image is up to date")
+    redis.add_argument("--podman", default="podman", help="podman executable (default podman)")
+    redis.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    redis.set_defaults(func=_cmd_build_redis)
 
     def show_help(args: argparse.Namespace) -> int:
         parser.print_help()

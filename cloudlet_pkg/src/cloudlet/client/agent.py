@@ -193,6 +193,8 @@ class Agent:
     credential: str = ""
     anchor: str = ""  # with a single credential: its anchor
     apis: dict[str, str] = field(default_factory=dict)  # name -> controller URL (device profile)
+    # reach these cloudlets' session ports here instead of the map's address (a NAT, a port forward, a proxy)
+    overrides: dict[str, tuple[str, int]] = field(default_factory=dict)
     listen: tuple[str, int] = ("127.0.0.1", 0)
     on_local_close: str = ""  # end | detach (default: end with a profile, detach with one credential)
     timeout: float = 5.0
@@ -226,6 +228,9 @@ class Agent:
     def __post_init__(self) -> None:
         if (self.fleet is None) == (not self.credential):
             raise ValueError("give either a device profile (fleet) or a single session credential")
+        for name, where in self.overrides.items():
+            if name in self.cloudlets:
+                self.cloudlets[name] = where
         if self.current not in self.cloudlets:
             raise ValueError(f"cloudlet {self.current!r} is not in the map ({', '.join(sorted(self.cloudlets))})")
         if not self.on_local_close:
@@ -495,6 +500,7 @@ class Agent:
         new = endpoints(fleet_map)
         if not new:
             return
+        new.update({n: where for n, where in self.overrides.items() if n in new})
         in_use = {c.cloudlet for c in self.carriers} | {self.current}
         for name in list(self.cloudlets):
             if name not in new and name not in in_use:

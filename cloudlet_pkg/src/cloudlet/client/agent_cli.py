@@ -110,9 +110,9 @@ def _parse_cloudlets(items: list[str]) -> dict[str, tuple[str, int]]:
     for item in items:
         name, sep, addr = item.partition("=")
         if not sep or not name:
-            raise SystemExit(f"cloudlet agent: --cloudlet {item!r}: expected NAME=HOST:PORT")
+            raise SystemExit(f"cloudlet agent: {item!r}: expected NAME=HOST:PORT")
         try:
-            out[name] = parse_hostport(addr, f"--cloudlet {name}")
+            out[name] = parse_hostport(addr, name)
         except ValueError as exc:
             raise SystemExit(f"cloudlet agent: {exc}") from None
     return out
@@ -150,7 +150,13 @@ async def _from_profile(args: argparse.Namespace, common: dict[str, Any]) -> Age
     if at not in cloudlets:
         await fleet.close()
         raise SystemExit(f"cloudlet agent: --at {at!r}: not in the fleet map ({', '.join(sorted(cloudlets))})")
-    return Agent(cloudlets, str(at), service=service, fleet=fleet, apis=controllers(fleet_map), **common)
+    overrides = _parse_cloudlets(args.via)
+    unknown = sorted(set(overrides) - set(cloudlets))
+    if unknown:
+        await fleet.close()
+        raise SystemExit(f"cloudlet agent: --via {', '.join(unknown)}: not in the fleet map ({', '.join(sorted(cloudlets))})")
+    return Agent(cloudlets, str(at), service=service, fleet=fleet, apis=controllers(fleet_map), overrides=overrides,
+                 **common)
 
 
 def _from_credential(args: argparse.Namespace, common: dict[str, Any]) -> Agent:
@@ -248,6 +254,9 @@ def register(subparsers: Any) -> None:
     src = run.add_argument_group("where sessions come from (one of)")
     src.add_argument("--profile", help="device profile (TOML from playbooks/devices.yml): a session per connection")
     src.add_argument("--service", help="the service to use (default: the profile's only service)")
+    src.add_argument("--via", action="append", default=[], metavar="NAME=HOST:PORT",
+                     help="with --profile: reach cloudlet NAME's session port at HOST:PORT instead of the map's "
+                     "address (a NAT, a port forward, a proxy; repeat)")
     src.add_argument("--credential-file", help="one session credential (or CLOUDLET_SESSION): one connection at a time")
     src.add_argument("--credential", help=argparse.SUPPRESS)
     src.add_argument("--cloudlet", action="append", default=[], metavar="NAME=HOST:PORT",

@@ -150,6 +150,7 @@ class FleetClient:
                 errors.append(str(exc))
                 continue
             if isinstance(data, dict) and isinstance(data.get("cloudlets"), list):
+                data["asked_api"] = api  # the controller that answered: the cloudlet ``asked``'s API
                 return data
             errors.append(f"{api}: not a fleet map")
         raise FleetError("no controller of the profile answered: " + "; ".join(errors))
@@ -174,6 +175,9 @@ def endpoints(fleet_map: dict[str, Any]) -> dict[str, tuple[str, int]]:
 
 
 def controllers(fleet_map: dict[str, Any]) -> dict[str, str]:
-    """``{cloudlet: api URL}`` of a fleet map's entries that name their controller."""
-    return {str(e["cloudlet"]): str(e["api"]) for e in fleet_map.get("cloudlets", [])
-            if isinstance(e, dict) and e.get("api") and e.get("cloudlet")}
+    """``{cloudlet: api URL}`` of a fleet map's entries that name their controller (and the one asked)."""
+    out = {str(e["cloudlet"]): str(e["api"]) for e in fleet_map.get("cloudlets", [])
+           if isinstance(e, dict) and e.get("api") and e.get("cloudlet")}
+    if fleet_map.get("asked") and fleet_map.get("asked_api"):
+        out.setdefault(str(fleet_map["asked"]), str(fleet_map["asked_api"]))
+    return out
