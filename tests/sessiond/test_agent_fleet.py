@@ -362,3 +362,55 @@ async def test_spare_credentials_are_renewed_and_a_live_session_outlives_its_cre
         assert await asyncio.wait_for(r2.readline(), 10) == b"c\n"
     finally:
         await agent.stop()
+
+
+async def test_an_http_client_pool_keeps_its_connections_across_moves(make_sessiond) -> None:
+    """aiohttp's client (keep-alive, a pool of 6) against an HTTP server behind the agent, moving."""
+    import aiohttp
+    from aiohttp import web
+
+    peers: set[tuple[str, int]] = set()
+
+    async def hello(request: web.Request) -> web.Response:
+        peers.add(request.transport.get_extra_info("peername")[:2])  # type: ignore[union-attr]
+        return web.Response(text=f"n={request.query['n']}")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    http_port = runner.addresses[0][1]
+    daemons = {n: await make_sessiond(n) for n in ("a", "b")}
+    daemons["b"].manager.connector = make_connector({"a": {"transport": "tcp", "address": peer_addr(daemons["a"])}})
+    ports = {n: (await d.put_service("web", f"127.0.0.1:{http_port}"))[0].port for n, d in daemons.items()}
+    agent, issuer = agent_for(ports, service="web")
+    await agent.start()
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=6)) as http:
+            async def get(n: int) -> str:
+                async with http.get(f"http://127.0.0.1:{agent.address[1]}/?n={n}") as resp:
+                    assert resp.status == 200
+                    return await resp.text()
+
+            async def mover() -> int:
+                moves = 0
+                for to, fin in [("b", True), ("a", False), ("b", False), ("a", True)] * 3:
+                    await asyncio.sleep(0.05)
+                    await agent.switch(to, fin)
+                    moves += 1
+                return moves
+
+            moving = asyncio.create_task(mover())
+            bodies = []
+            for start in range(0, 600, 60):
+                bodies += await asyncio.gather(*(get(n) for n in range(start, start + 60)))
+                await asyncio.sleep(0.02)
+            assert await moving == 12
+        assert bodies == [f"n={n}" for n in range(600)]
+        assert len(peers) <= 6  # the pool's keep-alive connections were never re-opened by a move
+        assert issuer.issued - len(agent._spares) == len(peers)
+    finally:
+        await agent.stop()
+        await runner.cleanup()
