@@ -8,6 +8,7 @@ starts ``python -m cloudlet sessiond --config ...`` and waits until its control 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -21,6 +22,104 @@ from typing import Any
 
 import aiohttp
 from cloudlet.protocol import credentials
+
+
+class FdStore:
+    """systemd's file descriptor store for a sessiond that is not run by systemd (tests, benchmarks).
+
+    The same protocol as systemd's: the daemon sends ``FDSTORE=1`` / ``FDNAME=`` datagrams with the
+    descriptors (SCM_RIGHTS) to ``$NOTIFY_SOCKET``, ``FDSTOREREMOVE=1`` to drop one; the next
+    process started with :meth:`child_setup` gets them as ``$LISTEN_FDS``/``$LISTEN_FDNAMES`` from
+    descriptor 3 on, in the order they were stored. Molecule checks the real systemd.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        import socket
+        import threading
+
+        self.path = str(directory / "notify.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.fds: dict[str, int] = {}  # insertion order = LISTEN_FDS order
+        self.messages: list[str] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        import socket
+
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, 65536, 253)
+            except OSError:
+                return
+            text = data.decode(errors="replace")
+            fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+            with self._lock:
+                self.messages.append(text)
+                name = fields.get("FDNAME", "stored")
+                if fields.get("FDSTORE") == "1":
+                    for fd in fds:
+                        old = self.fds.pop(name, None)
+                        if old is not None:
+                            os.close(old)
+                        self.fds[name] = fd
+                    continue
+                if fields.get("FDSTOREREMOVE") == "1":
+                    old = self.fds.pop(name, None)
+                    if old is not None:
+                        os.close(old)
+                for fd in fds:
+                    os.close(fd)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self.fds)
+
+    def wait_for(self, name: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while name not in self.names():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fd store: {name!r} never stored (have {self.names()})")
+            time.sleep(0.01)
+
+    def env(self) -> dict[str, str]:
+        with self._lock:
+            names = list(self.fds)
+        out = {"NOTIFY_SOCKET": self.path}
+        if names:
+            out.update({"LISTEN_FDS": str(len(names)), "LISTEN_FDNAMES": ":".join(names)})
+        return out
+
+    def child_setup(self) -> tuple[list[int], Any]:
+        """``(pass_fds, preexec_fn)`` for Popen: the stored descriptors at 3, 4, ... in the child."""
+        with self._lock:
+            fds = list(self.fds.values())
+        targets = list(range(3, 3 + len(fds)))
+
+        def preexec() -> None:
+            high = [os.dup(fd) for fd in fds]  # out of the way of the targets first
+            for fd, target in zip(high, targets, strict=True):
+                os.dup2(fd, target)
+                os.close(fd)
+
+        return sorted(set(fds) | set(targets)), preexec
+
+    def forget(self) -> None:
+        """The unit is stopped for good: the store is flushed."""
+        with self._lock:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
+
+    def close(self) -> None:
+        self.forget()
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 def rss_kib(pid: int) -> int:
@@ -113,6 +212,7 @@ async def start_sessiond(
     loop: str = "auto",
     timeout: float = 60.0,
     nofile: int | None = None,
+    fdstore: FdStore | None = None,
     **options: Any,
 ) -> SessiondProcess:
     """Write ``directory/sessiond.toml`` and start ``cloudlet sessiond`` on it, on loopback.
@@ -120,6 +220,8 @@ async def start_sessiond(
     ``options`` are more ``[sessiond]`` keys (they override the defaults here: any free peer port,
     no metrics port). ``peers`` maps a name to a tcp address or a whole ``[peers.NAME]`` table.
     ``nofile``: the daemon's descriptor limit (soft and hard), as a unit's ``LimitNOFILE=`` sets it.
+    ``fdstore``: run it as systemd would with ``FileDescriptorStoreMax=``: it hands its sessions over
+    on a clean stop, and a start gets what the store holds (:class:`FdStore`).
     """
     directory.mkdir(parents=True, exist_ok=True)
     table: dict[str, Any] = {
@@ -134,14 +236,22 @@ async def start_sessiond(
     cfg = directory / "sessiond.toml"
     write_config(cfg, table, {n: peer_table(a) for n, a in (peers or {}).items()})
     log_path = directory / "sessiond.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    pass_fds: list[int] = []
+    inherit = None
+    if fdstore is not None:
+        env.update(fdstore.env())
+        pass_fds, inherit = fdstore.child_setup()
     with open(log_path, "ab") as log:
-        def limit() -> None:
+        def setup() -> None:
             if nofile is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            if inherit is not None:
+                inherit()
 
         proc = subprocess.Popen([sys.executable, "-m", "cloudlet", "sessiond", "--config", str(cfg), "--loop", loop],
-                                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                preexec_fn=limit if nofile is not None else None)
+                                stdout=log, stderr=log, env=env, pass_fds=pass_fds,
+                                preexec_fn=setup if nofile is not None or inherit is not None else None)
     sp = SessiondProcess(cloudlet, proc, str(table["control_socket"]), cfg, log_path)
     deadline = time.monotonic() + timeout
     while True:

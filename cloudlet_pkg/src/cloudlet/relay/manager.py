@@ -139,6 +139,19 @@ class SessionManager:
             else:
                 self.device_sessions.pop(s.device, None)
 
+    def handed_over(self, s: Session) -> None:
+        """``s`` went to the next process (sessiond/handoff.py): forget it here without ending it."""
+        self.budget_paused.discard(s)
+        self._remove(s)
+        self.count_bytes(s)
+
+    def taken_back(self, s: Session) -> None:
+        """A session handed over by the previous process is ours again (detached, its backend connected)."""
+        self._add(s)
+        s.counted_up, s.counted_down = s.core.bytes_up, s.core.bytes_down  # counted by the previous process
+        s.held_seen = 0
+        s._run([])  # report its held bytes to the budget
+
     def live_count(self) -> int:
         return len(self.sessions) + len(self.forwards)
 

@@ -53,6 +53,10 @@ class SessiondConfig(Section):
     max_sessions: Annotated[int, Field(ge=1)] = 100000
     max_sessions_per_device: Annotated[int, Field(ge=1)] = 256  # live sessions of one device credential here
     header_timeout_seconds: Positive = 5.0
+    # on a clean stop under systemd (or any $NOTIFY_SOCKET fd store): hand the resumable sessions
+    # over to the next process instead of ending them (sessiond/handoff.py, docs/sessiond.md)
+    handoff: bool = True
+    handoff_flush_seconds: Positive = 2.0
     credential_lifetime_seconds: Positive = 86400.0
     # sessions remembered (started, ended) until their credential expires; beyond it, credentials
     # older than the oldest remembered may not start a session (docs/sessiond.md)

@@ -27,6 +27,7 @@ from cloudlet.relay.ledger import SessionLedger
 from cloudlet.relay.manager import SessionManager
 from cloudlet.relay.metrics import SessiondMetrics
 from cloudlet.sessiond.api import ApiError, build_control_app, build_metrics_app
+from cloudlet.sessiond import handoff
 from cloudlet.sessiond.config import SessiondConfig
 from cloudlet.sessiond.ledger_file import FileJournal
 from cloudlet.sessiond.peers import make_connector
@@ -66,6 +67,9 @@ class Sessiond:
         self.metrics_address: tuple[str, int] | None = None
         self._lock = asyncio.Lock()
         self.stopped = asyncio.Event()
+        self.inherited = handoff.Inherited()  # descriptors a previous process handed over (fd store)
+        self.handed_over = 0
+        self.taken_back = 0
 
     @property
     def services_file(self) -> Path:
@@ -110,19 +114,38 @@ class Sessiond:
         loop = asyncio.get_running_loop()
         host, port = parse_hostport(cfg.peer_listen, "peer_listen")
         m = self.manager
-        self.peer_server = await loop.create_server(lambda: ServerConnection(m, None), host, port,
-                                                    reuse_address=True, backlog=1024)
+        if cfg.handoff:
+            self.inherited = handoff.Inherited.from_environment()
+        peer_sock = self.inherited.take(handoff.LISTENER + "peer")
+        if peer_sock is not None and peer_sock.getsockname()[1] == port:
+            self.peer_server = await loop.create_server(lambda: ServerConnection(m, None), sock=peer_sock, backlog=1024)
+        else:
+            if peer_sock is not None:
+                peer_sock.close()
+            self.peer_server = await loop.create_server(lambda: ServerConnection(m, None), host, port,
+                                                        reuse_address=True, backlog=1024)
         self.peer_address = self.peer_server.sockets[0].getsockname()[:2]
         await self._start_control()
         if cfg.metrics_listen:
             await self._start_metrics()
         await self._restore_services()
+        if self.inherited.fds:
+            self.taken_back = await handoff.take_back(m, self.inherited)
+            self.inherited.close_rest()
         event(log, logging.INFO, "sessiond started", cloudlet=cfg.cloudlet, peer_listen=format_address(self.peer_address),
               control_socket=cfg.control_socket, metrics_listen=format_address(self.metrics_address),
               services=len(m.services), peers=sorted(cfg.peers),
               loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
 
     async def stop(self) -> None:
+        if self.manager is not None and self.config.handoff and handoff.available():
+            try:  # the listeners first: connections that arrive now wait in their backlog for the next process
+                handoff.store_listener("peer", self.peer_server)
+                for entry in self.manager.services.values():
+                    handoff.store_listener(entry.name, entry.server)
+                self.handed_over = await handoff.hand_over(self.manager, float(self.config.handoff_flush_seconds))
+            except OSError as exc:
+                event(log, logging.ERROR, "hand-over to the next process failed; ending sessions", error=str(exc))
         if self.manager is not None:
             for entry in list(self.manager.services.values()):
                 if entry.server is not None:
@@ -165,8 +188,15 @@ class Sessiond:
             entry = ServiceEntry(name, port, listen, backend)
             loop = asyncio.get_running_loop()
             try:
-                entry.server = await loop.create_server(lambda: ServerConnection(m, entry), listen, port,
-                                                        reuse_address=True, backlog=1024)
+                inherited = self.inherited.take(handoff.LISTENER + name)
+                if inherited is not None and port in (0, inherited.getsockname()[1]):
+                    entry.server = await loop.create_server(lambda: ServerConnection(m, entry), sock=inherited,
+                                                            backlog=1024)
+                else:
+                    if inherited is not None:
+                        inherited.close()
+                    entry.server = await loop.create_server(lambda: ServerConnection(m, entry), listen, port,
+                                                            reuse_address=True, backlog=1024)
             except OSError as exc:
                 raise ApiError(409, "port_unavailable", f"cannot listen on {listen}:{port}: {exc.strerror or exc}") from None
             entry.port = entry.server.sockets[0].getsockname()[1]

@@ -1,0 +1,106 @@
+"""A sessiond restart hands its live sessions to the next process (the fd store, sessiond/handoff.py).
+
+Real ``cloudlet sessiond`` subprocesses with the harness's :class:`FdStore` in place of systemd (the
+same datagrams and ``$LISTEN_FDS``; molecule runs it under the real systemd), a real agent carrying a
+byte-checked stream through the restart, an echo backend that counts its connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cloudlet.client import SessionClient, SessionRefused
+from cloudlet.protocol.wire import Status
+from cloudlet_bench.harness.sessiond import FdStore
+from support.agent import Stream, agent_for
+from support.sessiond import Backend, issue, start_sessiond_process, wait_for
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Backend]:
+    b = await Backend(echo=True).start()
+    yield b
+    await b.stop()
+
+
+async def test_a_clean_restart_of_the_anchor_keeps_the_session_byte_exact(tmp_path: Path, secret_file: Path,
+                                                                          echo: Backend) -> None:
+    store = FdStore(tmp_path)
+    a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store)
+    agent = None
+    try:
+        port = await a.put_service("svc", echo.address)
+        agent, _ = agent_for({"a": port})
+        await agent.start()
+        r, w = await asyncio.open_connection(*agent.address)
+        stream = Stream(r, w, total=80_000)
+        producer = asyncio.create_task(stream.produce(0.002))
+        for _ in range(2):
+            await asyncio.sleep(0.3)
+            a.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(a.proc.wait, 20)
+            names = store.names()
+            assert "cloudlet-state" in names and "listen-svc" in names, names
+            assert sum(n.startswith("backend-") for n in names) == 1
+            a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store)
+            assert "sessions taken back from the previous process" in a.log()
+            await wait_for(lambda: store.names() == [], what="the new process took everything out of the store")
+        await producer
+        await stream.consume()
+        stream.check()  # nothing lost, nothing repeated, in order, through two restarts
+        assert len(echo.conns) == 1  # the backend never saw a reconnect
+        assert agent.heals >= 2 and agent.status()["connections"] == 1
+        _, listed = await a.api("GET", "/v1/sessions")
+        assert [s["state"] for s in listed["sessions"]] == ["attached"]
+    finally:
+        if agent is not None:
+            await agent.stop()
+        a.stop()
+        store.close()
+
+
+async def test_after_kill_9_the_session_is_refused_clearly_not_silently_replaced(tmp_path: Path, secret_file: Path,
+                                                                                 echo: Backend) -> None:
+    store = FdStore(tmp_path)
+    a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store)
+    try:
+        port = await a.put_service("svc", echo.address)
+        cred = issue("svc")
+        client = SessionClient("127.0.0.1", port, cred, resumable=True)
+        await client.open()
+        await client.send(b"before\n")
+        assert await client.recv_exactly(7) == b"before\n"
+        os.kill(a.proc.pid, signal.SIGKILL)
+        await asyncio.to_thread(a.proc.wait, 20)
+        assert store.names() == []  # nothing was handed over
+        a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store)
+        client.drop()
+        with pytest.raises(SessionRefused) as refused:
+            await client.resume()
+        assert refused.value.status in (Status.SESSION_LOST, Status.REPLAY_UNAVAILABLE)
+        assert len(echo.conns) == 1  # and no fresh backend connection was made for it
+    finally:
+        a.stop()
+        store.close()
+
+
+async def test_mode_0_sessions_and_handoff_off_end_as_before(tmp_path: Path, secret_file: Path, echo: Backend) -> None:
+    store = FdStore(tmp_path)
+    a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store)
+    try:
+        port = await a.put_service("svc", echo.address)
+        raw = SessionClient("127.0.0.1", port, issue("svc"))  # mode 0: no offsets, cannot resume exactly
+        await raw.open()
+        a.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(a.proc.wait, 20)
+        assert await asyncio.wait_for(raw.recv(), 10) == b""  # the session is over: FIN, as before
+        assert not any(n.startswith("backend-") for n in store.names())
+        assert "sessions handed over to the next process" in a.log()
+    finally:
+        a.stop()
+        store.close()
