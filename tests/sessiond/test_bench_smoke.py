@@ -50,3 +50,16 @@ def test_bench_mobility_follows_the_drive_and_loses_nothing() -> None:
     assert r["runs"]["follow"]["requests"] > 50
     assert len(r["runs"]["follow"]["switch_delays_s"]) == 2
     assert r["switch_delay_s_max"] < 3  # it moved within the phase it was meant to
+
+
+def test_bench_restart_keeps_every_session_across_clean_restarts() -> None:
+    r = bench("restart", "--sessions", "4", "--restarts", "2", "--interval", "0.5")
+    clean, kill9 = r["clean"], r["kill9"]
+    for kind in (clean, kill9):
+        for key in ("restarts", "sessions", "sessions_kept", "bytes_lost", "bytes_duplicated", "connections_closed",
+                    "stall_ms_p99"):
+            assert kind[key] is not None, key
+    assert clean["restarts"] == 2 and clean["sessions"] == 4
+    assert clean["sessions_kept"] == 4 and clean["connections_closed"] == 0  # handed over, none closed
+    assert clean["bytes_lost"] == 0 and clean["bytes_duplicated"] == 0
+    assert kill9["bytes_duplicated"] == 0 and kill9["connections_closed"] == 4  # refused clearly, never replaced

@@ -31,7 +31,7 @@ async def echo() -> AsyncIterator[Backend]:
 async def test_a_clean_restart_of_the_anchor_keeps_the_session_byte_exact(tmp_path: Path, secret_file: Path,
                                                                           echo: Backend) -> None:
     store = FdStore(tmp_path)
-    a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store)
+    a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store, log_level="debug")
     agent = None
     try:
         port = await a.put_service("svc", echo.address)
@@ -47,14 +47,15 @@ async def test_a_clean_restart_of_the_anchor_keeps_the_session_byte_exact(tmp_pa
             names = store.names()
             assert "cloudlet-state" in names and "listen-svc" in names, names
             assert sum(n.startswith("backend-") for n in names) == 1
-            a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store)
+            assert sum(n.startswith("client-") for n in names) == 1, [m.replace("\n", " ") for m in store.messages[-4:]]
+            a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store, log_level="debug")
             assert "sessions taken back from the previous process" in a.log()
             await wait_for(lambda: store.names() == [], what="the new process took everything out of the store")
         await producer
         await stream.consume()
         stream.check()  # nothing lost, nothing repeated, in order, through two restarts
         assert len(echo.conns) == 1  # the backend never saw a reconnect
-        assert agent.heals >= 2 and agent.status()["connections"] == 1
+        assert agent.heals == 0 and agent.status()["connections"] == 1  # the same connection throughout
         _, listed = await a.api("GET", "/v1/sessions")
         assert [s["state"] for s in listed["sessions"]] == ["attached"]
     finally:
@@ -67,7 +68,7 @@ async def test_a_clean_restart_of_the_anchor_keeps_the_session_byte_exact(tmp_pa
 async def test_after_kill_9_the_session_is_refused_clearly_not_silently_replaced(tmp_path: Path, secret_file: Path,
                                                                                  echo: Backend) -> None:
     store = FdStore(tmp_path)
-    a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store)
+    a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store, log_level="debug")
     try:
         port = await a.put_service("svc", echo.address)
         cred = issue("svc")
@@ -78,7 +79,7 @@ async def test_after_kill_9_the_session_is_refused_clearly_not_silently_replaced
         os.kill(a.proc.pid, signal.SIGKILL)
         await asyncio.to_thread(a.proc.wait, 20)
         assert store.names() == []  # nothing was handed over
-        a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store)
+        a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store, log_level="debug")
         client.drop()
         with pytest.raises(SessionRefused) as refused:
             await client.resume()
@@ -89,18 +90,38 @@ async def test_after_kill_9_the_session_is_refused_clearly_not_silently_replaced
         store.close()
 
 
-async def test_mode_0_sessions_and_handoff_off_end_as_before(tmp_path: Path, secret_file: Path, echo: Backend) -> None:
+async def test_a_mode_0_session_goes_on_over_the_same_connection(tmp_path: Path, secret_file: Path,
+                                                                  echo: Backend) -> None:
+    """Mode 0 has no offsets to resume at: the hand-over passes its connection itself."""
     store = FdStore(tmp_path)
-    a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store)
+    a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store, log_level="debug")
     try:
         port = await a.put_service("svc", echo.address)
-        raw = SessionClient("127.0.0.1", port, issue("svc"))  # mode 0: no offsets, cannot resume exactly
+        raw = SessionClient("127.0.0.1", port, issue("svc"))
         await raw.open()
+        await raw.send(b"one\n")
+        assert await raw.recv_exactly(4) == b"one\n"
         a.proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(a.proc.wait, 20)
-        assert await asyncio.wait_for(raw.recv(), 10) == b""  # the session is over: FIN, as before
-        assert not any(n.startswith("backend-") for n in store.names())
-        assert "sessions handed over to the next process" in a.log()
+        await raw.send(b"two\n")  # while no process runs: it waits in the socket
+        a = await start_sessiond_process(tmp_path / "a", secret_file, "a", fdstore=store, log_level="debug")
+        assert await asyncio.wait_for(raw.recv_exactly(4), 20) == b"two\n"
+        assert len(echo.conns) == 1
     finally:
         a.stop()
         store.close()
+
+
+async def test_without_a_store_a_stop_ends_sessions_as_before(tmp_path: Path, secret_file: Path,
+                                                               echo: Backend) -> None:
+    a = await start_sessiond_process(tmp_path / "a", secret_file, "a")  # not under systemd: no $NOTIFY_SOCKET
+    try:
+        port = await a.put_service("svc", echo.address)
+        client = SessionClient("127.0.0.1", port, issue("svc"), resumable=True)
+        await client.open()
+        a.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(a.proc.wait, 20)
+        assert await asyncio.wait_for(client.recv(), 10) == b""  # the session is over: FIN, as before
+        assert "handed over" not in a.log()
+    finally:
+        a.stop()

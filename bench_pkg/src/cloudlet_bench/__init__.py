@@ -20,6 +20,7 @@ BENCHMARKS: tuple[str, ...] = (
     "cloudlet_bench.repair",
     "cloudlet_bench.overload",
     "cloudlet_bench.mobility",
+    "cloudlet_bench.restart",
 )
 
 

@@ -59,7 +59,7 @@ class FdStore:
             text = data.decode(errors="replace")
             fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
             with self._lock:
-                self.messages.append(text)
+                self.messages.append(f"{text} fds={len(fds)}")
                 name = fields.get("FDNAME", "stored")
                 if fields.get("FDSTORE") == "1":
                     for fd in fds:

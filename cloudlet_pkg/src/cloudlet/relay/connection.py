@@ -76,7 +76,8 @@ class ServerConnection(asyncio.Protocol):
         self.admitted = True
         self._linger(True)  # a close that is not close() (abort, a crash of this process) is a reset
         transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
-        self.timer = self.manager.loop.call_later(self.manager.header_timeout, self._header_timeout)
+        if self.parser is not None:  # (None: a connection handed over by the previous process, bound already)
+            self.timer = self.manager.loop.call_later(self.manager.header_timeout, self._header_timeout)
 
     def _linger(self, reset_on_close: bool) -> None:
         """``SO_LINGER`` 0: the kernel answers any close of the socket with RST instead of FIN.
@@ -92,6 +93,13 @@ class ServerConnection(asyncio.Protocol):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET if reset_on_close else _LINGER_OFF)
         except OSError:  # already closed
             pass
+
+    def adopt(self) -> bool:
+        """A connection handed over by the previous sessiond process, past its header and bound."""
+        if self.lost or not self.admitted:
+            return False
+        self.manager.admission_for(self.service is None).started(self)
+        return True
 
     def _evicted(self) -> None:
         """The oldest pending connection gives way to a new one (a flood of header-less connections)."""

@@ -70,6 +70,7 @@ class Sessiond:
         self.inherited = handoff.Inherited()  # descriptors a previous process handed over (fd store)
         self.handed_over = 0
         self.taken_back = 0
+        self._hold_accept = False  # while starting with handed-over sessions: listen, accept only once they are back
 
     @property
     def services_file(self) -> Path:
@@ -116,14 +117,17 @@ class Sessiond:
         m = self.manager
         if cfg.handoff:
             self.inherited = handoff.Inherited.from_environment()
+        self._hold_accept = bool(self.inherited.fds)
         peer_sock = self.inherited.take(handoff.LISTENER + "peer")
         if peer_sock is not None and peer_sock.getsockname()[1] == port:
-            self.peer_server = await loop.create_server(lambda: ServerConnection(m, None), sock=peer_sock, backlog=1024)
+            self.peer_server = await loop.create_server(lambda: ServerConnection(m, None), sock=peer_sock, backlog=1024,
+                                                        start_serving=not self._hold_accept)
         else:
             if peer_sock is not None:
                 peer_sock.close()
             self.peer_server = await loop.create_server(lambda: ServerConnection(m, None), host, port,
-                                                        reuse_address=True, backlog=1024)
+                                                        reuse_address=True, backlog=1024,
+                                                        start_serving=not self._hold_accept)
         self.peer_address = self.peer_server.sockets[0].getsockname()[:2]
         await self._start_control()
         if cfg.metrics_listen:
@@ -132,6 +136,11 @@ class Sessiond:
         if self.inherited.fds:
             self.taken_back = await handoff.take_back(m, self.inherited)
             self.inherited.close_rest()
+        if self._hold_accept:  # an attach that waited in the backlog now finds its session
+            self._hold_accept = False
+            for server in [self.peer_server, *(e.server for e in m.services.values())]:
+                if server is not None:
+                    await server.start_serving()
         event(log, logging.INFO, "sessiond started", cloudlet=cfg.cloudlet, peer_listen=format_address(self.peer_address),
               control_socket=cfg.control_socket, metrics_listen=format_address(self.metrics_address),
               services=len(m.services), peers=sorted(cfg.peers),
@@ -191,12 +200,13 @@ class Sessiond:
                 inherited = self.inherited.take(handoff.LISTENER + name)
                 if inherited is not None and port in (0, inherited.getsockname()[1]):
                     entry.server = await loop.create_server(lambda: ServerConnection(m, entry), sock=inherited,
-                                                            backlog=1024)
+                                                            backlog=1024, start_serving=not self._hold_accept)
                 else:
                     if inherited is not None:
                         inherited.close()
                     entry.server = await loop.create_server(lambda: ServerConnection(m, entry), listen, port,
-                                                            reuse_address=True, backlog=1024)
+                                                            reuse_address=True, backlog=1024,
+                                                            start_serving=not self._hold_accept)
             except OSError as exc:
                 raise ApiError(409, "port_unavailable", f"cannot listen on {listen}:{port}: {exc.strerror or exc}") from None
             entry.port = entry.server.sockets[0].getsockname()[1]

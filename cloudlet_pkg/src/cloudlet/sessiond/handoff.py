@@ -3,23 +3,24 @@
 On a clean stop (SIGTERM: ``systemctl restart``, an upgrade) with ``$NOTIFY_SOCKET`` set, sessiond
 hands over instead of ending its sessions:
 
-1. it stops reading every service port and every session (client and backend side), and waits
-   until what it already wrote to each backend has left (``handoff_flush_seconds``): the anchor's
-   ``bytes_up`` is then exactly what the backend got;
-2. each resumable (mode 2) session's client connection is reset (RST: "the path broke", never FIN,
-   which would say "the session is over") and the session becomes detached, as if its client had
-   lost the link: its state (the pure core: offsets, held bytes, replay ring) goes into one
-   ``memfd``, and its backend socket, the service listeners and the peer listener go to the store
-   (``FDSTORE=1`` with ``FDNAME=``; the unit has ``FileDescriptorStoreMax=``);
+1. it stops reading every session (client and backend side), and waits until what it already wrote
+   to each backend and each attached client has left (``handoff_flush_seconds``): the byte counts
+   of the session are then exactly what the other ends got;
+2. each session's backend socket and its attached client socket (a device's, or a forwarder's
+   channel on the peer endpoint) go to the store (``FDSTORE=1`` with ``FDNAME=``; the unit has
+   ``FileDescriptorStoreMax=``), its state (the pure core: offsets, held bytes, replay ring) into one
+   ``memfd``; a client whose bytes would not leave in time is reset instead (RST: "the path broke",
+   never FIN) and, in mode 2, resumes at the next process;
 3. the new process finds them (``$LISTEN_FDS``, ``$LISTEN_FDNAMES``), listens on the same sockets
-   (connections that arrived meanwhile wait in their backlog), takes every session back as detached
-   with its backend connection, and removes them from the store (``FDSTOREREMOVE=1``).
+   (connections that arrived meanwhile wait in their backlog; it accepts only once the sessions are
+   back), takes every session back on the same connections, and removes them from the store
+   (``FDSTOREREMOVE=1``).
 
-Clients then resume as after any broken path (`cloudlet agent` does it by itself): the anchor
-replays what they did not receive, they resend what it did not get; nothing is lost or repeated and
-the backend never sees a reconnect. Sessions that cannot be handed over (mode 0, a backend that
-would not flush, a make-before-break move in progress) end as before. After ``kill -9`` nothing was
-handed over: their credentials are refused ``SESSION_LOST`` (the ledger remembers them).
+Nothing is lost or repeated, no connection is closed: the device and the backend only see a pause
+as long as the restart. Sessions that cannot be handed over (a splice in progress, a backend that
+would not take its bytes in time, a make-before-break move at that instant) end as before. After
+``kill -9`` nothing was handed over: their credentials are refused ``SESSION_LOST`` (the ledger
+remembers them).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 STATE = "cloudlet-state"
 BACKEND = "backend-"
+CLIENT = "client-"
 LISTENER = "listen-"  # listen-peer, listen-<service>
 FORMAT = 1
 
@@ -146,6 +148,53 @@ class Inherited:
             _remove(name)
 
 
+_HELD: dict[type[asyncio.Protocol], type] = {}
+
+
+def _held(cls: type[asyncio.Protocol]) -> Any:
+    """``cls`` whose events wait (in order) until :func:`_release`: a handed-over session gets its
+    first bytes only once both of its connections are back (a transport may read at once)."""
+    if cls not in _HELD:
+        def connection_made(self: Any, transport: Any) -> None:
+            self.queued = []
+            getattr(cls, "connection_made")(self, transport)  # noqa: B009 (mypy: cls is a type)
+
+        def data_received(self: Any, data: bytes) -> None:
+            if self.queued is not None:
+                self.queued.append(("data", data))
+            else:
+                getattr(cls, "data_received")(self, data)  # noqa: B009 (mypy: cls is a type)
+
+        def eof_received(self: Any) -> bool | None:
+            if self.queued is not None:
+                self.queued.append(("eof", None))
+                return True
+            return getattr(cls, "eof_received")(self)  # type: ignore[no-any-return]  # noqa: B009 (mypy: cls is a type)
+
+        def connection_lost(self: Any, exc: Exception | None) -> None:
+            if self.queued is not None:
+                self.queued.append(("lost", exc))
+            else:
+                getattr(cls, "connection_lost")(self, exc)  # noqa: B009 (mypy: cls is a type)
+
+        _HELD[cls] = type(f"Handed{cls.__name__}", (cls,), {
+            "connection_made": connection_made, "data_received": data_received,
+            "eof_received": eof_received, "connection_lost": connection_lost})
+    return _HELD[cls]
+
+
+def _release(protocol: Any) -> None:
+    queued, protocol.queued = getattr(protocol, "queued", None), None
+    for kind, arg in queued or []:
+        if kind == "data":
+            protocol.data_received(arg)
+        elif kind == "eof":
+            if not protocol.eof_received() and protocol.transport is not None:
+                protocol.transport.close()
+        else:
+            protocol.connection_lost(arg)
+
+
 class _Released:
     """What a handed-over session's old backend protocol reports to: nothing, it is not ours now."""
 
@@ -171,8 +220,8 @@ async def hand_over(manager: SessionManager, flush_seconds: float) -> int:
     candidates: list[tuple[Any, Any]] = []  # (session, its backend transport)
     for s in list(manager.sessions.values()):
         up = s.upstream.transport if s.upstream is not None else None
-        if (not s.core.resumable or s.core.state not in (c.ATTACHED, c.DETACHED) or up is None
-                or up.is_closing() or s.core.backend_eof or s.draining is not None or s.joining is not None):
+        if (s.core.state not in (c.ATTACHED, c.DETACHED) or up is None or up.is_closing() or s.core.backend_eof
+                or s.draining is not None or s.joining is not None or s.splice is not None):
             continue
         up.pause_reading()
         if s.attached is not None:
@@ -180,22 +229,38 @@ async def hand_over(manager: SessionManager, flush_seconds: float) -> int:
                 s.attached.transport.pause_reading()  # type: ignore[attr-defined]
         candidates.append((s, up))
     deadline = time.monotonic() + flush_seconds
-    while time.monotonic() < deadline and any(up.get_write_buffer_size() for _, up in candidates):  # noqa: ASYNC110
+    def unflushed(s: Any, up: Any) -> bool:
+        return bool(up.get_write_buffer_size() or (s.attached is not None and s.attached.write_buffer_size()))
+
+    while time.monotonic() < deadline and any(unflushed(s, up) for s, up in candidates):  # noqa: ASYNC110
         await asyncio.sleep(0.002)  # (no event tells when a transport's buffer is empty)
     states = []
     for s, up in candidates:
         if up.get_write_buffer_size():
             continue  # would lose bytes it counted as delivered: this one ends normally
-        if s.attached is not None:
-            conn = s.attached
+        conn = s.attached
+        client_sock = conn.socket() if conn is not None and not conn.is_closing() else None
+        keep_client = conn is not None and client_sock is not None and not conn.write_buffer_size()
+        event(log, logging.DEBUG, "hand-over of a session", session=s.id, attached=conn is not None,
+              client_socket=client_sock is not None, keep_client=keep_client)
+        if conn is not None and not keep_client:
+            if not s.core.resumable:
+                continue  # mode 0 cannot resume at an offset: it ends normally
             conn.abort()  # RST: the path broke; the client resumes at the next process
             s.client_lost(conn)
-        if s.core.state != c.DETACHED:
+        via_peer = False
+        if keep_client:
+            assert conn is not None and client_sock is not None
+            _store(CLIENT + s.id, client_sock.fileno())  # the same connection goes on in the next process
+            via_peer = getattr(conn, "service", None) is None
+            conn.bind(None)
+            conn.abort()  # our descriptor only (the store holds the connection open): no RST
+        elif s.core.state != c.DETACHED:
             continue
         sock = up.get_extra_info("socket")
         _store(BACKEND + s.id, sock.fileno())
         states.append({"core": _encode(s.core.to_state()), "service": s.service.name, "device": s.device,
-                       "since": s.since})
+                       "since": s.since, "client": keep_client, "via_peer": via_peer})
         s._cancel_timer(c.GRACE)
         manager.handed_over(s)
         s.upstream.session = _Released()
@@ -214,6 +279,7 @@ async def hand_over(manager: SessionManager, flush_seconds: float) -> int:
 
 async def take_back(manager: SessionManager, inherited: Inherited) -> int:
     """Take back the sessions a previous process handed over; returns how many."""
+    from cloudlet.relay.connection import ServerConnection
     from cloudlet.relay.session import Session, UpstreamProtocol
 
     data = inherited.state()
@@ -232,13 +298,31 @@ async def take_back(manager: SessionManager, inherited: Inherited) -> int:
                   why="its service is gone" if sock is not None else "no backend connection")
             continue
         core.grace_seconds = manager.grace_seconds
+        client_sock = inherited.take(CLIENT + core.id) if item.get("client") else None
         s = Session(core, service, manager, device=str(item.get("device", "")))
         s.since = float(item.get("since", time.time()))
-        protocol = UpstreamProtocol(s)
+        protocol = _held(UpstreamProtocol)(s)  # its events wait until the client side is back too
         await loop.connect_accepted_socket(lambda p=protocol: p, sock=sock)  # type: ignore[misc]
         s.upstream = protocol
-        manager.taken_back(s)
-        s._run([c.StartTimer(c.GRACE, core.grace_seconds)])
+        if client_sock is not None:  # attached as before, on the same connection, bound before it can read
+            conn = _held(ServerConnection)(manager, None if item.get("via_peer") else service)
+            conn.parser = None  # past its header long ago
+            core.client = conn.aid
+            core.state = c.ATTACHED
+            core.client_write_paused = False
+            conn.bind(s)
+            s.attached = conn
+            manager.taken_back(s)
+            await loop.connect_accepted_socket(lambda p=conn: p, sock=client_sock)  # type: ignore[misc]
+            conn.adopt()  # (refused by admission: its loss detaches the session, as any loss does)
+        else:
+            if core.state == c.ATTACHED:  # its connection did not come through: detached
+                core.client, core.state = None, c.DETACHED
+            manager.taken_back(s)
+            s._run([c.StartTimer(c.GRACE, core.grace_seconds)])
+        _release(protocol)
+        if client_sock is not None:
+            _release(conn)
         taken += 1
     event(log, logging.INFO, "sessions taken back from the previous process", sessions=taken,
           handed_over=len(data.get("sessions", [])))
