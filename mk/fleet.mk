@@ -2,7 +2,7 @@
 # Local fleet = three cloudlet hosts as podman containers with systemd and sshd (fleet/fleet.py).
 
 FLEET_PY := $(PY) fleet/fleet.py
-FLEET_PLAYBOOKS := site.yml playbooks/launch.yml playbooks/reset.yml playbooks/uninstall.yml playbooks/status.yml playbooks/devices.yml
+FLEET_PLAYBOOKS := site.yml playbooks/launch.yml playbooks/reset.yml playbooks/uninstall.yml playbooks/status.yml playbooks/devices.yml playbooks/upgrade.yml
 # the roles and playbooks themselves ship in the collection (lint-collection lints them too)
 FLEET_ROLES := $(COLLECTION_DIR)/roles $(COLLECTION_DIR)/playbooks
 # Sources of the cloudlet wheel: the wheelhouse is rebuilt only when one of them changed, and with

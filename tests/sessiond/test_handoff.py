@@ -13,6 +13,7 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import cloudlet
 import pytest
 from cloudlet.client import SessionClient, SessionRefused
 from cloudlet.protocol.wire import Status
@@ -58,6 +59,8 @@ async def test_a_clean_restart_of_the_anchor_keeps_the_session_byte_exact(tmp_pa
         assert agent.heals == 0 and agent.status()["connections"] == 1  # the same connection throughout
         _, listed = await a.api("GET", "/v1/sessions")
         assert [s["state"] for s in listed["sessions"]] == ["attached"]
+        _, health = await a.api("GET", "/v1/health")
+        assert health["taken_back"] == 1 and health["version"] == cloudlet.__version__
     finally:
         if agent is not None:
             await agent.stop()

@@ -9,7 +9,7 @@ import argparse
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"  # the same as cloudlet.__version__ (tests/test_cli.py checks)
+__version__ = "0.3.0"  # the release of cloudlet it measures (cloudlet._version.RELEASE; tests/test_cli.py checks)
 
 BENCHMARKS: tuple[str, ...] = (
     "cloudlet_bench.proxy",

@@ -1,3 +1,5 @@
 """Handover-capable container cloudlets (controller, session daemon, tunnels, client)."""
 
-__version__ = "0.2.0"
+from cloudlet._version import VERSION as __version__
+
+__all__ = ["__version__"]

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cloudlet import __version__
 from cloudlet.common.jsonbody import loads_bounded
 from cloudlet.common.logs import Throttle, event
 from cloudlet.common.names import InvalidName, check_name
@@ -179,6 +180,7 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({
         "status": "ok" if ok else "degraded",
         "cloudlet": manager.config.cloudlet,
+        "version": __version__,
         "runtime": manager.runtime.name,
         "checks": checks,
         "last_reconcile": manager.last_reconcile,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cloudlet import __version__
 from cloudlet.common.admission import Admission
 from cloudlet.common.admission_metrics import AdmissionCollector
 
@@ -16,6 +17,8 @@ class ControllerMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        Gauge("cloudlet_build_info", "The running code: version (release+src.<hash of the package>)",
+              ["version", "component"], registry=r).labels(__version__, "controller").set(1)
         self.requests = Counter(
             "cloudlet_controller_requests_total", "API requests by route and HTTP status", ["method", "route", "status"],
             registry=r,

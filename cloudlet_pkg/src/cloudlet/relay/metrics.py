@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from cloudlet import __version__
 from cloudlet.common.admission import Admission
 from cloudlet.common.admission_metrics import AdmissionCollector
 
@@ -16,6 +17,8 @@ class SessiondMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        Gauge("cloudlet_build_info", "The running code: version (release+src.<hash of the package>)",
+              ["version", "component"], registry=r).labels(__version__, "sessiond").set(1)
         self.sessions = Gauge("cloudlet_sessions", "Sessions by state (attached, detached, forwarded)", ["state"],
                               registry=r)
         self.sessions_started = Counter("cloudlet_sessions_started_total", "Sessions started on this cloudlet (anchor)", registry=r)

@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from cloudlet import __version__
 from cloudlet.common.addresses import format_address
 from cloudlet.common.jsonbody import loads_bounded
 from cloudlet.protocol import credentials
@@ -35,6 +36,8 @@ class Controlled(Protocol):
     manager: SessionManager | None
     peer_address: tuple[str, int] | None
     metrics_address: tuple[str, int] | None
+    handed_over: int  # sessions this process handed to the next one at its stop (sessiond/handoff.py)
+    taken_back: int  # sessions it took back from the previous one at its start
 
     def service_json(self, entry: ServiceEntry) -> dict[str, Any]: ...
 
@@ -94,7 +97,8 @@ def _daemon(request: web.Request) -> tuple[Controlled, SessionManager]:
 async def _h_health(request: web.Request) -> web.Response:
     d, m = _daemon(request)
     return web.json_response({
-        "status": "ok", "cloudlet": d.config.cloudlet, "services": len(m.services), "sessions": m.live_count(),
+        "status": "ok", "cloudlet": d.config.cloudlet, "version": __version__, "services": len(m.services),
+        "sessions": m.live_count(), "handed_over": d.handed_over, "taken_back": d.taken_back,
         "peer_listen": format_address(d.peer_address), "metrics_listen": format_address(d.metrics_address),
     })
 
