@@ -28,15 +28,16 @@ PKG = REPO / "cloudlet_pkg" / "src" / "cloudlet"
 LAYERS: dict[str, set[str]] = {
     "common": set(),
     "protocol": {"common"},
-    "relay": {"common", "protocol"},
+    "_version": set(),  # the version derived from the code: anything may read it
+    "relay": {"common", "protocol", "_version"},
     "tunnel": {"common", "protocol", "relay.hop"},  # it implements the relay's PeerConnector
-    "sessiond": {"common", "protocol", "relay", "tunnel"},
-    "controller": {"common", "protocol"},
+    "sessiond": {"common", "protocol", "relay", "tunnel", "_version"},
+    "controller": {"common", "protocol", "_version"},
     "client": {"common", "protocol"},
     "images": set(),
     "cli": {"*"},  # the command dispatcher registers every component (lazily)
     "__main__": {"cli"},
-    "__init__": set(),
+    "__init__": {"_version"},
 }
 DEVICE_SIDE_THIRD_PARTY = {"aiohttp", "uvloop"}
 

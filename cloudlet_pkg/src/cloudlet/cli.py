@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from cloudlet import __version__
+from cloudlet._version import VERSION as __version__
 
 # (subcommand, module that registers it, the extra it needs beyond the device-side install)
 COMPONENTS: tuple[tuple[str, str, str], ...] = (

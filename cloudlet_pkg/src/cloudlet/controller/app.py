@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from cloudlet import __version__
+from cloudlet._version import VERSION as __version__
 from cloudlet.common.jsonbody import loads_bounded
 from cloudlet.common.logs import Throttle, event
 from cloudlet.common.names import InvalidName, check_name

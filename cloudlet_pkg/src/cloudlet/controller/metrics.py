@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from cloudlet import __version__
+from cloudlet._version import VERSION as __version__
 from cloudlet.common.admission import Admission
 from cloudlet.common.admission_metrics import AdmissionCollector
 

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from cloudlet import __version__
+from cloudlet._version import VERSION as __version__
 from cloudlet.common.addresses import format_address
 from cloudlet.common.jsonbody import loads_bounded
 from cloudlet.protocol import credentials

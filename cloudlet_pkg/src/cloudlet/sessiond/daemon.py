@@ -26,8 +26,8 @@ from cloudlet.relay.interfaces import ServiceEntry
 from cloudlet.relay.ledger import SessionLedger
 from cloudlet.relay.manager import SessionManager
 from cloudlet.relay.metrics import SessiondMetrics
-from cloudlet.sessiond.api import ApiError, build_control_app, build_metrics_app
 from cloudlet.sessiond import handoff
+from cloudlet.sessiond.api import ApiError, build_control_app, build_metrics_app
 from cloudlet.sessiond.config import SessiondConfig
 from cloudlet.sessiond.ledger_file import FileJournal
 from cloudlet.sessiond.peers import make_connector
