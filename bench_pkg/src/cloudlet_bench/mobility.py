@@ -42,6 +42,7 @@ from typing import Any
 from collections.abc import Callable
 
 from cloudlet_bench.harness.latency import LatencyProxy
+from cloudlet_bench.harness.sshd import free_port
 from cloudlet_bench.harness.sessiond import Fleet, control
 
 NAMES = ("a", "b", "c")
@@ -208,13 +209,13 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if missing:
                 log("--hop ssh not possible here (" + "; ".join(missing) + "): using tcp")
                 hop = "tcp"
-        redis_port = _free_port()
+        redis_port = free_port()
         redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                                   "--appendonly", "no", "--dir", str(fleet.dir)], stdout=subprocess.DEVNULL)
         net.create()
         log(f"device in {'network namespace ' + net.ns if net.netns else 'the host namespace (not root)'}; "
             f"hop {hop}; {len(NAMES)} cloudlets; about {3 * (len(NAMES) * args.phase_seconds + 4):.0f} s")
-        endpoints = {n: f"127.0.0.1:{_free_port()}" for n in NAMES}  # each sessiond's peer endpoint
+        endpoints = {n: f"127.0.0.1:{free_port()}" for n in NAMES}  # each sessiond's peer endpoint
         peer_of: dict[str, Any] = dict(endpoints)
         if hop == "ssh":
             from cloudlet_bench.harness.sshd import TunnelSshd
@@ -272,13 +273,6 @@ def summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
     return result
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _main(args: argparse.Namespace) -> int:

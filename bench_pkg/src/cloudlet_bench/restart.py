@@ -39,6 +39,7 @@ from cloudlet.client.agent import Agent
 from cloudlet_bench.handover import Receiver, _backend_process
 from cloudlet_bench.harness.issuer import SecretIssuer
 from cloudlet_bench.harness.sessiond import FdStore, Fleet, SessiondProcess
+from cloudlet_bench.harness.sshd import free_port
 
 
 def log(msg: str) -> None:
@@ -170,7 +171,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if missing:
                 log("--hop ssh not possible here (" + "; ".join(missing) + "): using tcp")
                 hop = "tcp"
-        a_peer = f"127.0.0.1:{_free_port()}"
+        a_peer = f"127.0.0.1:{free_port()}"
         peer: Any = a_peer
         if hop == "ssh":
             sshd = TunnelSshd(endpoint=a_peer)
@@ -210,13 +211,6 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         backend.terminate()
         backend.join(5)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _main(args: argparse.Namespace) -> int:
