@@ -135,3 +135,60 @@ async def test_handover_through_ssh_tunnel_then_tunnel_dies_and_comes_back(pair:
     await _echo(client, 500_000)
     assert _peer_state(b)["reconnects"] == 1
     await client.end()
+
+
+async def test_a_reload_keeps_the_warm_tunnel_of_an_unchanged_peer(pair: Any) -> None:
+    """Adding a peer (a fourth cloudlet) through a reload: the SSH tunnel to ``a`` and the session
+    forwarded over it stay as they are; changing ``a``'s own table replaces that tunnel only."""
+    a, b, sshd, _ = pair
+    await _wait(lambda: _peer_state(b)["state"] == "up", 15, "tunnel b -> a")
+    cred = credentials.issue(SECRET, "echo", "a").token
+    client = SessionClient("127.0.0.1", _port(a), cred)
+    await client.open()
+    await client.handover("127.0.0.1", _port(b), target="a")
+    await _echo(client, 200_000)
+    def tunnel_to_a() -> Any:
+        ssh = next(c for c in b._connector.connectors if hasattr(c, "tunnels"))  # type: ignore[union-attr]
+        return ssh.tunnels["a"]
+
+    tunnel = tunnel_to_a()
+    up_since = tunnel.up_since
+
+    table = sshd.peer_table("a", **FAST)
+    new = b.config.model_copy(update={"peers": {"a": table, "d": {"transport": "tcp", "address": "127.0.0.1:9"}}})
+    applied = await b.reload(SessiondConfig.from_dict({"sessiond": new.model_dump(exclude={"peers"}),
+                                                      "peers": new.peers}))
+    assert applied.peers_added == ("d",) and not applied.peers_changed
+    assert tunnel_to_a() is tunnel and tunnel.up_since == up_since
+    await _echo(client, 200_000)  # the same forwarded connection
+    assert _peer_state(b)["channels"] == 1 and _peer_state(b)["reconnects"] == 0
+    assert sorted(p["name"] for p in b.peers_status()) == ["a", "d"]
+
+    changed = {**table, "keepalive_interval": 2.0}
+    applied = await b.reload(SessiondConfig.from_dict({"sessiond": new.model_dump(exclude={"peers"}),
+                                                      "peers": {"a": changed}}))
+    assert applied.peers_changed == ("a",) and applied.peers_removed == ("d",)
+    assert tunnel_to_a() is not tunnel
+    await _wait(lambda: _peer_state(b)["state"] == "up", 15, "the new tunnel to a")
+    await client.close()
+
+
+async def test_a_reload_makes_a_down_tunnel_retry_at_once(tmp_path: Path, sshd_factory: Any) -> None:
+    """An operator fixed the peer (here: its sshd is back) and reloads: no wait for the backoff."""
+    a = await _daemon(tmp_path, "a", {})
+    assert a.peer_address is not None
+    sshd: TunnelSshd = sshd_factory(f"127.0.0.1:{a.peer_address[1]}")
+    slow = {**FAST, "backoff_initial": 60.0, "backoff_max": 60.0}
+    sshd.kill()
+    b = await _daemon(tmp_path, "b", {"a": sshd.peer_table("a", **slow)})
+    try:
+        await _wait(lambda: _peer_state(b)["connect_failures"] >= 1, 15, "a first failed connect")
+        sshd.start()
+        await asyncio.sleep(0.5)
+        assert _peer_state(b)["state"] != "up"  # the next try is a minute away
+        applied = await b.reload(b.config)
+        assert not applied.peers and not applied.changed
+        await _wait(lambda: _peer_state(b)["state"] == "up", 10, "the tunnel up right after the reload")
+    finally:
+        await b.stop()
+        await a.stop()

@@ -142,7 +142,7 @@ CA_FILE = STATE / "credentials" / "ca" / "ca.crt"
 
 def fleet_addresses() -> dict[str, str]:
     hosts = json.loads((STATE / "fleet.json").read_text())["hosts"]
-    return {name: h["address"] for name, h in hosts.items()}
+    return {name: h["address"] for name, h in hosts.items() if name in PEERS}  # (side_effect adds mol-d)
 
 
 def https(url: str, token: str, method: str = "GET", ctx=None) -> tuple[int, dict]:

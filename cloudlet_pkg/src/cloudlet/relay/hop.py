@@ -67,6 +67,15 @@ class TcpPeerConnector:
             table[name] = _TcpPeer(name, host, port)
         return cls(table, connect_timeout)
 
+    def set_addresses(self, addresses: dict[str, str]) -> None:
+        """Config reload: add new peers, drop removed ones; a peer whose address is the same keeps its state."""
+        table = {}
+        for name, address in addresses.items():
+            host, port = parse_hostport(address, f"peer {name!r} address")
+            old = self.peers.get(name)
+            table[name] = old if old is not None and (old.host, old.port) == (host, port) else _TcpPeer(name, host, port)
+        self.peers = table
+
     async def start(self) -> None:
         """Probe every peer once now and then every ``probe_interval`` s, for ``GET /v1/peers``."""
         await self.probe()

@@ -35,6 +35,8 @@ class SessiondMetrics:
         self.refusals = Counter("cloudlet_refusals_total", "Connections refused, by status code", ["code"], registry=r)
         self.pings = Counter("cloudlet_pings", "Nearness probes answered (op PING)", registry=r)
         self.header_errors = Counter("cloudlet_header_errors_total", "Malformed, oversized, truncated or slow headers", registry=r)
+        self.reloads = Counter("cloudlet_sessiond_reloads_total", "Config reloads, by result (applied, refused)", ["result"],
+                               registry=r)
         self.services = Gauge("cloudlet_services", "Services this sessiond listens for", registry=r)
         self.splice_upgrades = Counter("cloudlet_splice_upgrades_total", "Attachments moved to the splice fast path", registry=r)
         self.replayed_bytes = Counter("cloudlet_replayed_bytes_total",

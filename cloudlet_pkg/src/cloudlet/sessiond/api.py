@@ -17,6 +17,7 @@ from cloudlet.relay.devices import DeviceGate
 from cloudlet.relay.interfaces import ServiceEntry
 from cloudlet.relay.manager import SessionManager
 from cloudlet.sessiond.config import SessiondConfig
+from cloudlet.sessiond.reload import ReloadPlan, ReloadRefused
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Controlled(Protocol):
 
     def peers_status(self) -> list[dict[str, Any]]: ...
 
+    async def reload_file(self) -> ReloadPlan: ...
+
     def metrics_text(self) -> bytes: ...
 
 
@@ -73,6 +76,7 @@ def build_control_app(daemon: Controlled) -> web.Application:
         web.get("/v1/sessions", _h_sessions),
         web.delete("/v1/sessions/{key}", _h_session_delete),
         web.get("/v1/peers", _h_peers),
+        web.post("/v1/reload", _h_reload),
         web.get("/v1/devices", _h_devices),
         web.put("/v1/devices/{device}", _h_device_put),
         web.delete("/v1/devices/{device}", _h_device_delete),
@@ -184,6 +188,17 @@ async def _h_device_delete(request: web.Request) -> web.Response:
 
 async def _h_peers(request: web.Request) -> web.Response:
     return web.json_response({"peers": request.app[DAEMON].peers_status()})
+
+
+async def _h_reload(request: web.Request) -> web.Response:
+    """Read the config file again and apply it in place; 400 bad_config / 409 restart_required apply nothing."""
+    try:
+        applied = await request.app[DAEMON].reload_file()
+    except ReloadRefused as exc:
+        status = 409 if exc.code == "restart_required" else 400
+        return web.json_response({"error": {"code": exc.code, "message": exc.message, "keys": list(exc.keys)}},
+                                 status=status)
+    return web.json_response({"status": "reloaded", **applied.to_json()})
 
 
 async def _h_metrics(request: web.Request) -> web.Response:

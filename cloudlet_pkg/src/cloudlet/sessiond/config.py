@@ -6,6 +6,7 @@ One model, :class:`SessiondConfig`, validated by the common loader: every proble
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -13,7 +14,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from cloudlet.common.addresses import is_loopback, parse_hostport
+from cloudlet.common.admission import default_limits
 from cloudlet.common.config import ConfigError, HostPort, Name, Section, check_tables, read_toml, validate
+from cloudlet.protocol import credentials
 from cloudlet.tunnel.config import SshPeerConfig
 
 Positive = Annotated[float, Field(gt=0)]
@@ -87,6 +90,13 @@ class SessiondConfig(Section):
             parse_hostport(value, "address")
         return value
 
+    def admission_limits(self) -> tuple[int, int, int]:
+        """``(max_open, max_pending, max_pending_per_source)``: 0 in the file means derived from the descriptor limit."""
+        auto_open, auto_pending, auto_source = default_limits()
+        max_open = self.max_connections or auto_open
+        max_pending = min(self.max_pending_connections or auto_pending, max_open)
+        return max_open, max_pending, min(self.max_pending_per_source or auto_source, max_pending)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "sessiond config") -> SessiondConfig:
         problems = check_tables(data, ("sessiond", "peers"), source)
@@ -108,6 +118,30 @@ def _locate(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
     if loc and loc[0] == "peers":
         return tuple(p for i, p in enumerate(loc) if not (i == 2 and p in ("tcp", "ssh")))
     return ("sessiond", *loc)
+
+
+# Keys a running sessiond cannot change in place: a reload that changes one is refused (nothing is
+# applied) and names them; ``systemctl restart`` applies them and hands the sessions over.
+RESTART_KEYS = ("cloudlet", "secret_file", "control_socket", "state_dir", "peer_listen", "peer_listen_allow_remote",
+                "metrics_listen", "credential_lifetime_seconds", "session_record_limit", "log_format")
+
+
+def check_files(config: SessiondConfig, keys: bool = True) -> list[str]:
+    """What the file itself cannot show: the secret and (``keys``) the peers' key files.
+
+    ``--check-config`` checks both; a start and a reload need only the secret (a tunnel whose key
+    files are missing yet retries until they are there, as on a first rollout)."""
+    problems = []
+    try:
+        credentials.load_secret(config.secret_file)
+    except (OSError, ValueError) as exc:
+        problems.append(f"sessiond.secret_file: {exc}")
+    for name, peer in config.peers.items() if keys else ():
+        for key in ("client_key", "known_hosts"):
+            path = getattr(peer, key, None)
+            if path is not None and not os.access(path, os.R_OK):
+                problems.append(f"peers.{name}.{key}: cannot read {path}")
+    return problems
 
 
 class _PeerTables(Section):

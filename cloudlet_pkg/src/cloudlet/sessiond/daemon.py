@@ -15,7 +15,8 @@ from typing import Any
 from prometheus_client import generate_latest
 
 from cloudlet.common.addresses import format_address, parse_hostport
-from cloudlet.common.admission import Admission, default_limits
+from cloudlet.common.admission import Admission
+from cloudlet.common.config import ConfigError
 from cloudlet.common.httpserver import HttpServer
 from cloudlet.common.logs import event
 from cloudlet.common.names import NAME_RULE, is_name
@@ -28,9 +29,10 @@ from cloudlet.relay.manager import SessionManager
 from cloudlet.relay.metrics import SessiondMetrics
 from cloudlet.sessiond import handoff
 from cloudlet.sessiond.api import ApiError, build_control_app, build_metrics_app
-from cloudlet.sessiond.config import SessiondConfig
+from cloudlet.sessiond.config import SessiondConfig, check_files
 from cloudlet.sessiond.ledger_file import FileJournal
 from cloudlet.sessiond.peers import make_connector
+from cloudlet.sessiond.reload import ReloadPlan, ReloadRefused, apply_limits, plan, refuse_restart_keys
 from cloudlet.sessiond.store import DeviceStore, ServiceStore
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,9 @@ def _validate_backend(backend: Any) -> str:
 class Sessiond:
     """One running session daemon (usable in-process by tests and benchmarks)."""
 
-    def __init__(self, config: SessiondConfig, connector: Any = None) -> None:
+    def __init__(self, config: SessiondConfig, connector: Any = None, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # the file a reload reads again
         self.store = ServiceStore(Path(config.state_dir) / "services.json")
         self.device_store = DeviceStore(Path(config.state_dir) / "devices.json")
         self.devices = DeviceGate()
@@ -87,10 +90,7 @@ class Sessiond:
             hook(self.metrics.registry)
         self.ledger = SessionLedger(int(cfg.session_record_limit), float(cfg.credential_lifetime_seconds))
         self.journal.open(self.ledger)  # ended (and started) sessions from before this start
-        auto_open, auto_pending, auto_source = default_limits()
-        max_open = cfg.max_connections or auto_open
-        max_pending = min(cfg.max_pending_connections or auto_pending, max_open)
-        per_source = min(cfg.max_pending_per_source or auto_source, max_pending)
+        max_open, max_pending, per_source = cfg.admission_limits()
         self.manager = SessionManager(
             cloudlet=cfg.cloudlet, secret=secret, metrics=self.metrics,
             grace_seconds=float(cfg.grace_seconds), buffer_bytes=int(cfg.buffer_bytes),
@@ -172,6 +172,45 @@ class Sessiond:
             os.unlink(self.config.control_socket)
         self.stopped.set()
         event(log, logging.INFO, "sessiond stopped", cloudlet=self.config.cloudlet)
+
+    # -- reload (cloudlet.sessiond.reload) ------------------------------------------------------
+    async def reload(self, new: SessiondConfig) -> ReloadPlan:
+        """Apply ``new`` in place (peers, limits, log level) or raise ``ReloadRefused`` having applied nothing."""
+        m = self.manager
+        assert m is not None
+        async with self._lock:
+            try:
+                p = plan(self.config, new)
+                refuse_restart_keys(p)
+                update = getattr(m.connector, "update", None)
+                if update is None and (p.peers or "peer_connect_timeout_seconds" in p.changed):
+                    raise ReloadRefused("restart_required", "this sessiond's peer connector cannot change in place")
+                if update is not None:  # also when no peer changed: tunnels that are down retry at once
+                    await update(new.peers, float(new.peer_connect_timeout_seconds))
+                apply_limits(m, new)
+            except ReloadRefused as exc:
+                self.metrics.reloads.labels("refused").inc()
+                event(log, logging.ERROR, "reload refused; the running config stays", reason=exc.code, error=exc.message)
+                raise
+            self.config = new
+        self.metrics.reloads.labels("applied").inc()
+        event(log, logging.INFO, "config reloaded", **p.to_json(), sessions=m.live_count())
+        return p
+
+    async def reload_file(self) -> ReloadPlan:
+        """Read the config file again and :meth:`reload` it; a file that does not validate is refused."""
+        if self.config_path is None:
+            raise ReloadRefused("bad_config", "this sessiond was not started from a config file")
+        try:
+            new = SessiondConfig.load(self.config_path)
+            problems = check_files(new, keys=False)
+            if problems:
+                raise ConfigError(self.config_path, problems)
+        except ConfigError as exc:
+            self.metrics.reloads.labels("refused").inc()
+            event(log, logging.ERROR, "reload refused; the running config stays", reason="bad_config", error=str(exc))
+            raise ReloadRefused("bad_config", f"bad config {exc}; nothing was applied") from None
+        return await self.reload(new)
 
     # -- services ----------------------------------------------------------------------------
     async def put_service(self, name: str, backend: Any, port: Any = 0, listen: Any = "0.0.0.0") -> tuple[ServiceEntry, bool]:

@@ -4,31 +4,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 from typing import Any
 
+import aiohttp
+
 from cloudlet.common import sdnotify
 from cloudlet.common.config import ConfigError
 from cloudlet.common.logs import event, setup_logging
 from cloudlet.common.loop import quiet_accept_errors, raise_nofile_limit, use_fast_loop
-from cloudlet.protocol import credentials
-from cloudlet.sessiond.config import SessiondConfig
+from cloudlet.sessiond.config import SessiondConfig, check_files
 from cloudlet.sessiond.daemon import Sessiond
+from cloudlet.sessiond.reload import ReloadRefused
 
 log = logging.getLogger(__name__)
 
 
-async def serve(config: SessiondConfig, ready_fd: int | None = None) -> None:
-    daemon = Sessiond(config)
+async def serve(config: SessiondConfig, ready_fd: int | None = None, config_path: str | None = None) -> None:
+    daemon = Sessiond(config, config_path=config_path)
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
     await daemon.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def hangup() -> None:  # SIGHUP: the same reload as POST /v1/reload; the outcome goes to the log
+        task = loop.create_task(_reload_quietly(daemon))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
@@ -37,19 +48,34 @@ async def serve(config: SessiondConfig, ready_fd: int | None = None) -> None:
     await daemon.stop()
 
 
-def check(config: SessiondConfig) -> list[str]:
-    """What ``--check-config`` checks beyond the file itself: the secret, the peers' key files."""
-    problems = []
+async def _reload_quietly(daemon: Sessiond) -> None:
+    with contextlib.suppress(ReloadRefused):  # logged by the daemon; the running config stays
+        await daemon.reload_file()
+
+
+async def request_reload(control_socket: str) -> tuple[int, dict[str, Any]]:
+    """``POST /v1/reload`` on the running sessiond's control socket: (HTTP status, JSON body)."""
+    connector = aiohttp.UnixConnector(path=control_socket)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        async with http.post("http://sessiond/v1/reload") as resp:
+            return resp.status, await resp.json()
+
+
+def reload_running(config: SessiondConfig, path: str) -> int:
+    """``--reload``: 0 applied, 2 refused as a bad config, 3 refused as needing a restart, 1 not running."""
     try:
-        credentials.load_secret(config.secret_file)
-    except (OSError, ValueError) as exc:
-        problems.append(f"sessiond.secret_file: {exc}")
-    for name, peer in config.peers.items():
-        for key in ("client_key", "known_hosts"):
-            path = getattr(peer, key, None)
-            if path is not None and not os.access(path, os.R_OK):
-                problems.append(f"peers.{name}.{key}: cannot read {path}")
-    return problems
+        status, body = asyncio.run(request_reload(config.control_socket))
+    except (OSError, aiohttp.ClientError) as exc:
+        print(f"cloudlet sessiond: cannot reach the running sessiond at {config.control_socket}: {exc}", file=sys.stderr)
+        return 1
+    if status == 200:
+        parts = [f"{k.replace('_', ' ')}: {', '.join(v)}" for k, v in body.items() if isinstance(v, list) and v]
+        print(f"sessiond {config.cloudlet}: reloaded {path}" + (f" ({'; '.join(parts)})" if parts else " (nothing changed)"))
+        return 0
+    error = body.get("error", {})
+    print(f"cloudlet sessiond: reload refused: {error.get('message', status)}", file=sys.stderr)
+    return 3 if error.get("code") == "restart_required" else 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,18 +84,20 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"cloudlet sessiond: bad config {exc}", file=sys.stderr, flush=True)
         return 2
-    if args.check_config:
-        problems = check(config)
+    if args.check_config or args.reload:
+        problems = check_files(config, keys=not args.reload)
         if problems:
             print(f"cloudlet sessiond: bad config {ConfigError(args.config, problems)}", file=sys.stderr, flush=True)
             return 2
+        if args.reload:
+            return reload_running(config, args.config)
         print(f"config {args.config} is valid (cloudlet {config.cloudlet}, {len(config.peers)} peer(s))")
         return 0
     setup_logging(args.log_level or config.log_level, args.log_format or config.log_format)
     raise_nofile_limit()
     use_fast_loop(args.loop)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, config_path=args.config))
     except (OSError, ValueError) as exc:
         event(log, logging.ERROR, "sessiond failed to start", error=str(exc))
         return 1
@@ -87,6 +115,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", required=True, help="TOML config file (see docs/sessiond.md)")
     p.add_argument("--check-config", action="store_true",
                    help="validate the config (every key at fault, at once), the secret and the peers' key files, then exit")
+    p.add_argument("--reload", action="store_true",
+                   help="validate the config, then have the running sessiond apply it in place (peers, limits, "
+                   "log level; no session is touched); exit 0 applied, 2 bad config, 3 needs a restart, "
+                   "1 not running. The unit's ExecReload.")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override the config's log_level")
     p.add_argument("--log-format", choices=["json", "text"], help="override the config's log_format")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",

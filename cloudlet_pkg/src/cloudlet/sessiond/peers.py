@@ -18,17 +18,57 @@ log = logging.getLogger(__name__)
 
 
 class CompositeConnector:
-    """Dispatches ``open(peer)`` to the connector of that peer's transport; never hangs."""
+    """Dispatches ``open(peer)`` to the connector of that peer's transport; never hangs.
+
+    :meth:`update` applies a new ``[peers.*]`` set in place (config reload): peers whose table did
+    not change keep their warm tunnel and its channels; removed or changed ones are closed.
+    """
 
     def __init__(self, routes: dict[str, PeerConnector], connectors: list[PeerConnector], open_timeout: float = 5.0) -> None:
         self.routes = routes
         self.connectors = connectors
         self.open_timeout = open_timeout
+        self._registry: Any = None
+        self._started = False
 
     async def start(self) -> None:
+        self._started = True
         for c in self.connectors:
             start = getattr(c, "start", None)
             if start is not None:
+                await start()
+
+    async def update(self, peers: Mapping[str, Any], connect_timeout: float) -> None:
+        """Make the peer set ``peers`` (validated models or raw tables) the one this connector serves."""
+        configs = peer_configs(peers)
+        tcp = {n: p.address for n, p in configs.items() if isinstance(p, TcpPeer)}
+        ssh = [p for p in configs.values() if isinstance(p, SshPeerConfig)]
+        tcp_conn = next((c for c in self.connectors if isinstance(c, TcpPeerConnector)), None)
+        ssh_conn = next((c for c in self.connectors if not isinstance(c, TcpPeerConnector)), None)
+        added: list[PeerConnector] = []
+        if tcp_conn is None and tcp:
+            tcp_conn = TcpPeerConnector.from_addresses({}, connect_timeout)
+            added.append(tcp_conn)
+        if tcp_conn is not None:
+            tcp_conn.connect_timeout = connect_timeout
+            tcp_conn.set_addresses(tcp)
+        if ssh_conn is None and ssh:
+            from cloudlet.tunnel.connector import SshPeerConnector  # lazy: asyncssh only where SSH peers exist
+
+            ssh_conn = SshPeerConnector([])
+            added.append(ssh_conn)
+        if ssh_conn is not None:
+            await ssh_conn.set_peers(ssh)  # type: ignore[attr-defined]
+        self.routes = {**{n: tcp_conn for n in tcp if tcp_conn is not None},
+                       **{p.name: ssh_conn for p in ssh if ssh_conn is not None}}
+        self.open_timeout = connect_timeout + 2.0
+        for c in added:
+            self.connectors.append(c)
+            hook = getattr(c, "metrics", None)
+            if hook is not None and self._registry is not None:
+                hook(self._registry)
+            start = getattr(c, "start", None)
+            if start is not None and self._started:
                 await start()
 
     async def open(self, peer: str) -> tuple[Any, Any]:
@@ -68,6 +108,7 @@ class CompositeConnector:
         return sorted(out, key=lambda p: p["name"])
 
     def metrics(self, registry: Any) -> None:
+        self._registry = registry
         for c in self.connectors:
             hook = getattr(c, "metrics", None)
             if hook is not None:

@@ -36,6 +36,23 @@ class SshPeerConnector:
         for t in self.tunnels.values():
             t.start()
 
+    async def set_peers(self, configs: list[SshPeerConfig]) -> None:
+        """Config reload: tunnels of unchanged peers stay up (their channels too) and those that are
+        down retry at once; removed or changed ones close (their channels end), new ones start."""
+        wanted = {c.name: c for c in configs}
+        gone = [t for name, t in self.tunnels.items() if wanted.get(name) != t.config]
+        for t in gone:
+            del self.tunnels[t.name]
+        for name, config in wanted.items():
+            if name in self.tunnels:
+                self.tunnels[name].retry_now()
+            else:
+                tunnel = PeerTunnel(config)
+                self.tunnels[name] = tunnel
+                if self._started:
+                    tunnel.start()
+        await asyncio.gather(*(t.close() for t in gone))
+
     async def open(self, peer: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         tunnel = self.tunnels.get(peer)
         if tunnel is None:

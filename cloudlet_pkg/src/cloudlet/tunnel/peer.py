@@ -45,6 +45,7 @@ class PeerTunnel:
     _direct: _DirectData | None = None
     _task: asyncio.Task[None] | None = None
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
+    _retry: asyncio.Event = field(default_factory=asyncio.Event)
     _ever_up: bool = False
 
     @property
@@ -131,10 +132,20 @@ class PeerTunnel:
                 break
             wait = delay * (0.8 + 0.4 * random.random())
             delay = min(delay * 2, cfg.backoff_max)
+            self._retry.clear()
+            waits = [asyncio.ensure_future(e.wait()) for e in (self._closing, self._retry)]
             try:
-                await asyncio.wait_for(self._closing.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if self._retry.is_set():  # a reload: the operator may just have fixed known_hosts or keys
+                delay = cfg.backoff_initial
+
+    def retry_now(self) -> None:
+        """A down tunnel tries again at once, with its backoff reset (config reload)."""
+        if self.state != "up":
+            self._retry.set()
 
     def _failed(self, error: str, level: int, msg: str) -> None:
         self.connect_failures += 1
