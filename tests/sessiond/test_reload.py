@@ -116,6 +116,7 @@ async def test_a_broken_config_is_refused_and_the_running_one_stays(tmp_path: Pa
         done = _reload(b)
         assert done.returncode == 2, done.stderr
         assert "sessiond.grace_seconds" in done.stderr and "sessiond.no_such_key" in done.stderr
+        assert "reload refused, the running sessiond keeps its config" in done.stderr
         b.config_path.write_text(good + '\n[peers.c]\ntransport = "tcp"\naddress = "nonsense"\n')
         b.proc.send_signal(signal.SIGHUP)
         await wait_for(lambda: "reload refused" in b.log(), what="the refused SIGHUP reload in the log")

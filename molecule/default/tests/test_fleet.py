@@ -259,3 +259,67 @@ def test_systemctl_restart_of_sessiond_keeps_a_resumable_session():
     journal = subprocess.run(["podman", "exec", hosts[name]["container"], "journalctl", "-u", "cloudlet-sessiond",
                               "-n", "50", "--no-pager"], capture_output=True, text=True).stdout
     assert "sessions taken back from the previous process" in journal
+
+
+def test_systemctl_reload_with_a_broken_config_is_refused_and_the_running_one_stays():
+    """Under the real systemd: ``systemctl reload`` of a broken sessiond.toml fails with the key at
+    fault, the daemon (same process) goes on with its config and its session; a good file reloads."""
+    import asyncio
+    import tomllib
+
+    from cloudlet.client import SessionClient
+
+    profile = tomllib.loads((DEVICES / "demo-client.toml").read_text())["device"]
+    hosts = json.loads((STATE / "fleet.json").read_text())["hosts"]
+    name = sorted(PEERS)[-1]
+    container = hosts[name]["container"]
+
+    def on_host(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["podman", "exec", container, *argv], capture_output=True, text=True)
+
+    def main_pid() -> str:
+        return on_host("systemctl", "show", "--property=MainPID", "--value", "cloudlet-sessiond").stdout.strip()
+
+    status, sess = https(f"https://{hosts[name]['address']}:8700/v1/services/demo/sessions", profile["credential"],
+                         "POST")
+    assert status == 201, sess
+    pid = main_pid()
+    assert on_host("cp", "-p", "/etc/cloudlet/sessiond.toml", "/etc/cloudlet/sessiond.toml.good").returncode == 0
+
+    async def line(c: SessionClient) -> bytes:
+        out = b""
+        while not out.endswith(b"\n"):
+            out += await asyncio.wait_for(c.recv(1), 20)
+        return out
+
+    async def run() -> tuple[list[bytes], subprocess.CompletedProcess, subprocess.CompletedProcess]:
+        c = SessionClient(sess["host"], sess["port"], sess["session"], resumable=True)
+        await c.open()
+        assert (await line(c)).startswith(b"HELLO cloudlet-demo")
+        await c.send(b"INCR\n")
+        first = await line(c)
+        broken = on_host("sed", "-i", "s/^grace_seconds = .*/grace_seconds = -5/", "/etc/cloudlet/sessiond.toml")
+        assert broken.returncode == 0
+        refused = on_host("systemctl", "reload", "cloudlet-sessiond")
+        await c.send(b"INCR\n")
+        second = await line(c)  # the same connection, never broken
+        on_host("cp", "-p", "/etc/cloudlet/sessiond.toml.good", "/etc/cloudlet/sessiond.toml")
+        good = on_host("systemctl", "reload", "cloudlet-sessiond")
+        await c.send(b"INCR\n")
+        third = await line(c)
+        await c.end()
+        return [first, second, third], refused, good
+
+    try:
+        replies, refused, good = asyncio.run(run())
+    finally:
+        on_host("cp", "-p", "/etc/cloudlet/sessiond.toml.good", "/etc/cloudlet/sessiond.toml")
+        on_host("rm", "-f", "/etc/cloudlet/sessiond.toml.good")
+    assert refused.returncode != 0, refused.stdout
+    assert good.returncode == 0, good.stderr
+    assert replies == [b"COUNT 1\n", b"COUNT 2\n", b"COUNT 3\n"]
+    assert main_pid() == pid  # neither reload restarted it
+    assert on_host("systemctl", "is-active", "cloudlet-sessiond").stdout.strip() == "active"
+    journal = on_host("journalctl", "-u", "cloudlet-sessiond", "-n", "80", "--no-pager").stdout
+    assert "reload refused" in journal and "sessiond.grace_seconds" in journal
+    assert "nothing changed" in journal  # the good file again: the reload ran and found its config

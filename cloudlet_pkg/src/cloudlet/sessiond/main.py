@@ -82,12 +82,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = SessiondConfig.load(args.config)
     except ConfigError as exc:
-        print(f"cloudlet sessiond: bad config {exc}", file=sys.stderr, flush=True)
+        refused = "reload refused, the running sessiond keeps its config: " if args.reload else ""
+        print(f"cloudlet sessiond: {refused}bad config {exc}", file=sys.stderr, flush=True)
         return 2
     if args.check_config or args.reload:
         problems = check_files(config, keys=not args.reload)
         if problems:
-            print(f"cloudlet sessiond: bad config {ConfigError(args.config, problems)}", file=sys.stderr, flush=True)
+            refused = "reload refused, the running sessiond keeps its config: " if args.reload else ""
+            print(f"cloudlet sessiond: {refused}bad config {ConfigError(args.config, problems)}", file=sys.stderr,
+                  flush=True)
             return 2
         if args.reload:
             return reload_running(config, args.config)
