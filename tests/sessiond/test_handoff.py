@@ -128,3 +128,58 @@ async def test_without_a_store_a_stop_ends_sessions_as_before(tmp_path: Path, se
         assert "handed over" not in a.log()
     finally:
         a.stop()
+
+
+async def test_an_in_place_upgrade_hands_everything_to_a_successor_started_beforehand(
+        tmp_path: Path, secret_file: Path, echo: Backend) -> None:
+    """``POST /v1/upgrade`` (``cloudlet sessiond --upgrade``): the successor imports and reads its
+    config while the old process serves, then takes the sessions over SCM_RIGHTS; no fd store needed."""
+    a = await start_sessiond_process(tmp_path / "a", secret_file, "a", log_level="debug")
+    agent = None
+    try:
+        port = await a.put_service("svc", echo.address)
+        agent, _ = agent_for({"a": port})
+        await agent.start()
+        r, w = await asyncio.open_connection(*agent.address)
+        stream = Stream(r, w, total=80_000)
+        producer = asyncio.create_task(stream.produce(0.002))
+        pids = [a.pid]
+        for _ in range(2):
+            await asyncio.sleep(0.3)
+            pids.append(await a.upgrade())
+        assert len(set(pids)) == 3
+        assert await asyncio.to_thread(a.proc.wait, 20) == 0  # the first process exited cleanly
+        await producer
+        await stream.consume()
+        stream.check()  # nothing lost, nothing repeated, in order, through two upgrades
+        assert len(echo.conns) == 1  # the backend never saw a reconnect
+        assert agent.heals == 0 and agent.status()["connections"] == 1  # the same connection throughout
+        _, health = await a.api("GET", "/v1/health")
+        assert health["taken_back"] == 1 and health["pid"] == pids[-1]
+        assert a.log().count("upgraded in place") == 2
+        port_again = await a.put_service("svc", echo.address)
+        assert port_again == port  # the same listener
+    finally:
+        if agent is not None:
+            await agent.stop()
+        a.stop()
+
+
+async def test_a_successor_that_cannot_start_leaves_the_running_process_serving(
+        tmp_path: Path, secret_file: Path, echo: Backend) -> None:
+    a = await start_sessiond_process(tmp_path / "a", secret_file, "a")
+    try:
+        port = await a.put_service("svc", echo.address)
+        client = SessionClient("127.0.0.1", port, issue("svc"), resumable=True)
+        await client.open()
+        a.config_path.write_text(a.config_path.read_text().replace("[sessiond]", "[sessiond]\nbogus = 1"))
+        status, body = await a.api("POST", "/v1/upgrade")
+        assert status == 202
+        await wait_for(lambda: "in-place upgrade abandoned" in a.log(), 30, "the abandoned upgrade")
+        _, health = await a.api("GET", "/v1/health")
+        assert health["pid"] == a.proc.pid  # still the first process
+        await client.send(b"still here\n")
+        assert await asyncio.wait_for(client.recv_exactly(11), 10) == b"still here\n"
+        assert len(echo.conns) == 1
+    finally:
+        a.stop()

@@ -10,6 +10,9 @@ between ``a`` and ``b``, one second apart:
 
 - ``clean``: SIGTERM and a new process (what ``systemctl restart`` and an upgrade do): sessiond
   hands its sessions over (docs/sessiond.md, Restart), the agent attaches again;
+- ``upgrade``: an in-place upgrade (``POST /v1/upgrade``, ``cloudlet sessiond --upgrade``): the
+  successor starts and imports while the old process serves, brings its tunnels up, then takes
+  every session, connection and listener over SCM_RIGHTS: the stall is the hand-over only;
 - ``kill9``: SIGKILL and a new process (a crash): nothing is handed over.
 
 Per kind: ``sessions``, ``sessions_kept`` (connections still open and streaming at the end),
@@ -18,6 +21,8 @@ Per kind: ``sessions``, ``sessions_kept`` (connections still open and streaming 
 connection, the longest time without a record around the restart (the baseline beside it,
 ``calm_stall_ms_p99``: the same measure in the calm between two restarts). A clean restart's stall
 is the time from SIGTERM until the new process serves (``restart_ms_p50``): nothing relays meanwhile.
+An upgrade's ``restart_ms_p50`` is from the request until the successor serves, most of it while the
+old process still relays.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import asyncio
 import bisect
 import json
 import multiprocessing
+import os
 import signal
 import statistics
 import sys
@@ -86,6 +92,15 @@ def _accounting(conns: list[Conn]) -> tuple[int, int]:
     return lost * 16, dup * 16
 
 
+def _wait_gone(proc: SessiondProcess, timeout: float = 30.0) -> None:
+    if proc.pid == proc.proc.pid:
+        proc.proc.wait(timeout)
+        return
+    deadline = time.monotonic() + timeout
+    while proc.alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 async def run_kind(kind: str, args: argparse.Namespace, fleet: Fleet, daemons: dict[str, SessiondProcess],
                    stores: dict[str, FdStore], start: Any, ports: dict[str, int]) -> dict[str, Any]:
     cloudlets = {n: ("127.0.0.1", p) for n, p in ports.items()}
@@ -108,10 +123,13 @@ async def run_kind(kind: str, args: argparse.Namespace, fleet: Fleet, daemons: d
         for i in range(args.restarts):
             name = "a" if i % 2 == 0 else "b"
             t0 = time.perf_counter()
-            proc = daemons[name].proc
-            proc.send_signal(signal.SIGTERM if kind == "clean" else signal.SIGKILL)
-            await asyncio.to_thread(proc.wait, 30)
-            daemons[name] = await start(name)
+            if kind == "upgrade":  # the successor starts first, then takes over (POST /v1/upgrade)
+                await daemons[name].upgrade()
+            else:
+                proc = daemons[name]
+                os.kill(proc.pid, signal.SIGTERM if kind == "clean" else signal.SIGKILL)
+                await asyncio.to_thread(_wait_gone, proc)
+                daemons[name] = await start(name)
             t1 = time.perf_counter()
             marks.append((t0, t1))
             log(f"{kind}: restart {i + 1}/{args.restarts} ({name}) took {(t1 - t0) * 1000:.0f} ms")
@@ -192,14 +210,19 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         ports = {n: await d.put_service("tick", backend_addr) for n, d in daemons.items()}
         log(f"hop {hop}; {args.sessions} sessions, {args.restarts} restarts per kind")
         kinds = {}
-        for kind in ("clean", "kill9"):
+        for kind in ("clean", "upgrade", "kill9"):
             kinds[kind] = await run_kind(kind, args, fleet, daemons, stores, start, ports)
         clean = kinds["clean"]
         return {**kinds, "hop": hop, "targets": {
             "clean_all_kept": clean["sessions_kept"] == clean["sessions"],
             "clean_nothing_lost_or_duplicated": clean["bytes_lost"] == 0 and clean["bytes_duplicated"] == 0,
             "clean_none_closed": clean["connections_closed"] == 0,
-            "clean_stall_p99_under_200ms": clean["stall_ms_p99"] is not None and clean["stall_ms_p99"] < 200}}
+            "clean_stall_p99_under_200ms": clean["stall_ms_p99"] is not None and clean["stall_ms_p99"] < 200,
+            "upgrade_all_kept": kinds["upgrade"]["sessions_kept"] == kinds["upgrade"]["sessions"],
+            "upgrade_nothing_lost_or_duplicated": kinds["upgrade"]["bytes_lost"] == 0
+            and kinds["upgrade"]["bytes_duplicated"] == 0,
+            "upgrade_stall_p99_under_200ms": kinds["upgrade"]["stall_ms_p99"] is not None
+            and kinds["upgrade"]["stall_ms_p99"] < 200}}
     finally:
         for d in daemons.values():
             d.stop()

@@ -323,3 +323,60 @@ def test_systemctl_reload_with_a_broken_config_is_refused_and_the_running_one_st
     journal = on_host("journalctl", "-u", "cloudlet-sessiond", "-n", "80", "--no-pager").stdout
     assert "reload refused" in journal and "sessiond.grace_seconds" in journal
     assert "nothing changed" in journal  # the good file again: the reload ran and found its config
+
+
+def test_in_place_upgrade_under_systemd_passes_the_unit_and_the_session_to_the_successor():
+    """``cloudlet sessiond --upgrade --force`` on a host: the successor becomes the unit's main process
+    (``MAINPID=``), the session goes on over the same connection, and the unit stays manageable
+    (a ``systemctl restart`` afterwards stops the successor and starts a new one)."""
+    import asyncio
+    import tomllib
+
+    from cloudlet.client import SessionClient
+
+    profile = tomllib.loads((DEVICES / "demo-client.toml").read_text())["device"]
+    hosts = json.loads((STATE / "fleet.json").read_text())["hosts"]
+    name = sorted(PEERS)[1]
+    container = hosts[name]["container"]
+
+    def on_host(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["podman", "exec", container, *argv], capture_output=True, text=True)
+
+    def main_pid() -> str:
+        return on_host("systemctl", "show", "--property=MainPID", "--value", "cloudlet-sessiond").stdout.strip()
+
+    status, sess = https(f"https://{hosts[name]['address']}:8700/v1/services/demo/sessions", profile["credential"],
+                         "POST")
+    assert status == 201, sess
+    before = main_pid()
+
+    async def line(c: SessionClient) -> bytes:
+        out = b""
+        while not out.endswith(b"\n"):
+            out += await asyncio.wait_for(c.recv(1), 20)
+        return out
+
+    async def run() -> tuple[list[bytes], subprocess.CompletedProcess]:
+        c = SessionClient(sess["host"], sess["port"], sess["session"], resumable=True)
+        await c.open()
+        assert (await line(c)).startswith(b"HELLO cloudlet-demo")
+        await c.send(b"INCR\n")
+        first = await line(c)
+        upgraded = await asyncio.to_thread(on_host, "/opt/cloudlet/venv/bin/cloudlet", "sessiond", "--config",
+                                           "/etc/cloudlet/sessiond.toml", "--upgrade", "--force")
+        await c.send(b"INCR\n")
+        second = await line(c)  # the same connection: it was handed over, never broken
+        await c.end()
+        return [first, second], upgraded
+
+    replies, upgraded = asyncio.run(run())
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert replies == [b"COUNT 1\n", b"COUNT 2\n"]
+    after = main_pid()
+    assert after != before and after in upgraded.stdout  # systemd follows the successor
+    assert on_host("systemctl", "is-active", "cloudlet-sessiond").stdout.strip() == "active"
+    journal = on_host("journalctl", "-u", "cloudlet-sessiond", "-n", "80", "--no-pager").stdout
+    assert "upgraded in place" in journal
+    assert on_host("systemctl", "restart", "cloudlet-sessiond").returncode == 0
+    assert main_pid() not in (after, "0")
+    assert on_host("systemctl", "is-active", "cloudlet-sessiond").stdout.strip() == "active"

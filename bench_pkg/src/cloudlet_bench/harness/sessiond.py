@@ -12,6 +12,7 @@ import contextlib
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -164,8 +165,35 @@ class SessiondProcess:
     log_path: Path
     peer_listen: str = ""
 
+    pid: int = 0  # the serving process: proc's, until an in-place upgrade hands over to a successor
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    async def upgrade(self, timeout: float = 60.0) -> int:
+        """An in-place upgrade (``POST /v1/upgrade``): the successor's PID once it serves."""
+        status, body = await self.api("POST", "/v1/upgrade")
+        if status != 202:
+            raise RuntimeError(f"sessiond {self.name}: upgrade refused: {body}")
+        successor = int(body["successor"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            try:
+                _, health = await self.api("GET", "/v1/health")
+            except (aiohttp.ClientError, OSError, ValueError):
+                continue
+            if health.get("pid") == successor:
+                self.pid = successor
+                return successor
+        raise RuntimeError(f"sessiond {self.name}: the successor {successor} did not take over: {self.log()[-2000:]}")
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return self.proc.poll() is None if self.pid == self.proc.pid else True
 
     async def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         return await control(self.control_socket, method, path, body)
@@ -189,6 +217,13 @@ class SessiondProcess:
             await asyncio.sleep(0.1)
 
     def stop(self) -> None:
+        if self.pid and self.pid != self.proc.pid:  # a successor (not our child): SIGTERM, then SIGKILL
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+                for _ in range(100):
+                    os.kill(self.pid, 0)
+                    time.sleep(0.1)
+                os.kill(self.pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -252,7 +287,7 @@ async def start_sessiond(
         proc = subprocess.Popen([sys.executable, "-m", "cloudlet", "sessiond", "--config", str(cfg), "--loop", loop],
                                 stdout=log, stderr=log, env=env, pass_fds=pass_fds,
                                 preexec_fn=setup if nofile is not None or inherit is not None else None)
-    sp = SessiondProcess(cloudlet, proc, str(table["control_socket"]), cfg, log_path)
+    sp = SessiondProcess(cloudlet, proc, str(table["control_socket"]), cfg, log_path, pid=proc.pid)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -58,6 +59,8 @@ class Controlled(Protocol):
 
     async def reload_file(self) -> ReloadPlan: ...
 
+    def begin_upgrade(self) -> int: ...
+
     def metrics_text(self) -> bytes: ...
 
 
@@ -77,6 +80,7 @@ def build_control_app(daemon: Controlled) -> web.Application:
         web.delete("/v1/sessions/{key}", _h_session_delete),
         web.get("/v1/peers", _h_peers),
         web.post("/v1/reload", _h_reload),
+        web.post("/v1/upgrade", _h_upgrade),
         web.get("/v1/devices", _h_devices),
         web.put("/v1/devices/{device}", _h_device_put),
         web.delete("/v1/devices/{device}", _h_device_delete),
@@ -101,7 +105,8 @@ def _daemon(request: web.Request) -> tuple[Controlled, SessionManager]:
 async def _h_health(request: web.Request) -> web.Response:
     d, m = _daemon(request)
     return web.json_response({
-        "status": "ok", "cloudlet": d.config.cloudlet, "version": __version__, "services": len(m.services),
+        "status": "ok", "cloudlet": d.config.cloudlet, "version": __version__, "pid": os.getpid(),
+        "services": len(m.services),
         "sessions": m.live_count(), "handed_over": d.handed_over, "taken_back": d.taken_back,
         "peer_listen": format_address(d.peer_address), "metrics_listen": format_address(d.metrics_address),
     })
@@ -199,6 +204,12 @@ async def _h_reload(request: web.Request) -> web.Response:
         return web.json_response({"error": {"code": exc.code, "message": exc.message, "keys": list(exc.keys)}},
                                  status=status)
     return web.json_response({"status": "reloaded", **applied.to_json()})
+
+
+async def _h_upgrade(request: web.Request) -> web.Response:
+    """Start the next process (the installed code) and hand everything to it once it is ready: 202."""
+    successor = request.app[DAEMON].begin_upgrade()
+    return web.json_response({"status": "upgrading", "pid": os.getpid(), "successor": successor}, status=202)
 
 
 async def _h_metrics(request: web.Request) -> web.Response:

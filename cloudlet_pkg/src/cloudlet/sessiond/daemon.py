@@ -9,11 +9,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
 
+from cloudlet.common import sdnotify
 from cloudlet.common.addresses import format_address, parse_hostport
 from cloudlet.common.admission import Admission
 from cloudlet.common.config import ConfigError
@@ -74,6 +76,10 @@ class Sessiond:
         self.handed_over = 0
         self.taken_back = 0
         self._hold_accept = False  # while starting with handed-over sessions: listen, accept only once they are back
+        self.successor_argv: list[str] | None = None  # how to start the next process (in-place upgrade)
+        self.predecessor: handoff.Predecessor | None = None  # the process this one took over from
+        self._successor: handoff.Successor | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def services_file(self) -> Path:
@@ -82,12 +88,23 @@ class Sessiond:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
+        predecessor = handoff.Predecessor.from_environment()
         secret = credentials.load_secret(cfg.secret_file)
         connector = self._connector or make_connector(cfg.peers, float(cfg.peer_connect_timeout_seconds))
         self._connector = connector
         hook = getattr(connector, "metrics", None)
         if hook is not None:
             hook(self.metrics.registry)
+        start = getattr(connector, "start", None)
+        if predecessor is not None:  # an in-place upgrade: everything comes over from the running process
+            if start is not None:  # our own tunnels first, so what it forwarded heals through them at once
+                await start()
+                start = None
+                await self._peers_up(5.0)
+            self.predecessor = predecessor
+            self.inherited = await asyncio.to_thread(predecessor.take)
+        elif cfg.handoff:
+            self.inherited = handoff.Inherited.from_environment()
         self.ledger = SessionLedger(int(cfg.session_record_limit), float(cfg.credential_lifetime_seconds))
         self.journal.open(self.ledger)  # ended (and started) sessions from before this start
         max_open, max_pending, per_source = cfg.admission_limits()
@@ -109,14 +126,11 @@ class Sessiond:
         self.devices.load(self.device_store.load())
         self.metrics.watch_admission("service", self.manager.admission)
         self.metrics.watch_admission("peer", self.manager.peer_admission)
-        start = getattr(connector, "start", None)
         if start is not None:
             await start()
         loop = asyncio.get_running_loop()
         host, port = parse_hostport(cfg.peer_listen, "peer_listen")
         m = self.manager
-        if cfg.handoff:
-            self.inherited = handoff.Inherited.from_environment()
         self._hold_accept = bool(self.inherited.fds)
         peer_sock = self.inherited.take(handoff.LISTENER + "peer")
         if peer_sock is not None and peer_sock.getsockname()[1] == port:
@@ -147,14 +161,71 @@ class Sessiond:
               loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
 
     async def stop(self) -> None:
+        if self.stopped.is_set():
+            return
         if self.manager is not None and self.config.handoff and handoff.available():
             try:  # the listeners first: connections that arrive now wait in their backlog for the next process
-                handoff.store_listener("peer", self.peer_server)
-                for entry in self.manager.services.values():
-                    handoff.store_listener(entry.name, entry.server)
-                self.handed_over = await handoff.hand_over(self.manager, float(self.config.handoff_flush_seconds))
+                self.handed_over = await self._hand_over(handoff.store_fd)
             except OSError as exc:
                 event(log, logging.ERROR, "hand-over to the next process failed; ending sessions", error=str(exc))
+        await self._shutdown()
+
+    async def _hand_over(self, sink: handoff.Sink) -> int:
+        assert self.manager is not None
+        handoff.store_listener("peer", self.peer_server, sink)
+        for entry in self.manager.services.values():
+            handoff.store_listener(entry.name, entry.server, sink)
+        return await handoff.hand_over(self.manager, float(self.config.handoff_flush_seconds), sink)
+
+    # -- in-place upgrade (sessiond/handoff.py, Successor) ------------------------------------------
+    def begin_upgrade(self) -> int:
+        """Start the next process now (the installed code); it takes over once it is ready. Its PID."""
+        if self.successor_argv is None:
+            raise ApiError(409, "not_supported", "this sessiond cannot start its successor (not run by cloudlet sessiond)")
+        if self._successor is not None:
+            raise ApiError(409, "in_progress", f"an upgrade is already under way (successor pid {self._successor.pid})")
+        try:
+            self._successor = handoff.Successor(self.successor_argv)
+        except OSError as exc:
+            raise ApiError(500, "internal", f"cannot start the successor: {exc}") from None
+        event(log, logging.INFO, "in-place upgrade: successor started", successor=self._successor.pid)
+        task = asyncio.get_running_loop().create_task(self._upgrade(self._successor))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return self._successor.pid
+
+    async def _upgrade(self, successor: handoff.Successor) -> None:
+        if not await successor.wait_ready(60.0):
+            code = successor.proc.poll()
+            event(log, logging.ERROR, "in-place upgrade abandoned: the successor did not get ready; serving on",
+                  successor=successor.pid, exit_status=code)
+            successor.abandon()
+            self._successor = None
+            return
+        started = time.monotonic()
+        for server in self._http:  # its control socket and metrics port are the successor's now
+            await server.close()
+        self._http.clear()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.control_socket)
+        try:
+            self.handed_over = await self._hand_over(successor.send)
+        except OSError as exc:
+            event(log, logging.ERROR, "in-place upgrade: hand-over failed; ending sessions", error=str(exc))
+        await self._shutdown(final=False)
+        with contextlib.suppress(OSError):
+            successor.done()
+        if await successor.wait_started(60.0):
+            sdnotify.notify(f"MAINPID={successor.pid}")  # the unit's main process is the successor now
+            event(log, logging.INFO, "upgraded in place", successor=successor.pid, sessions=self.handed_over,
+                  ms=round((time.monotonic() - started) * 1000, 1))
+        else:
+            event(log, logging.ERROR, "in-place upgrade: the successor did not start; its sessions are lost",
+                  successor=successor.pid, exit_status=successor.proc.poll())
+        successor.close()
+        self.stopped.set()
+
+    async def _shutdown(self, final: bool = True) -> None:
         if self.manager is not None:
             for entry in list(self.manager.services.values()):
                 if entry.server is not None:
@@ -168,9 +239,10 @@ class Sessiond:
         if self._connector is not None:
             await self._connector.close()
         self.journal.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.control_socket)
-        self.stopped.set()
+        if final:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.control_socket)
+            self.stopped.set()
         event(log, logging.INFO, "sessiond stopped", cloudlet=self.config.cloudlet)
 
     # -- reload (cloudlet.sessiond.reload) ------------------------------------------------------
@@ -326,6 +398,11 @@ class Sessiond:
         host, port = parse_hostport(self.config.metrics_listen, "metrics_listen")
         self.metrics_address = await server.start_tcp(host, port)
         self._http.append(server)
+
+    async def _peers_up(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.get("state") != "up" for p in self.peers_status()):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
 
     def peers_status(self) -> list[dict[str, Any]]:
         status = getattr(self._connector, "status", None)

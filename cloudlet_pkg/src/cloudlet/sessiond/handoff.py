@@ -34,6 +34,8 @@ import logging
 import os
 import socket
 import time
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +51,8 @@ BACKEND = "backend-"
 CLIENT = "client-"
 LISTENER = "listen-"  # listen-peer, listen-<service>
 FORMAT = 1
+PREDECESSOR_ENV = "CLOUDLET_HANDOFF_FD"  # set for a successor started by an in-place upgrade
+Sink = Callable[[str, int], None]  # (name, descriptor): where a hand-over puts what goes on
 
 
 def _notify_socket() -> str | None:
@@ -63,7 +67,8 @@ def available() -> bool:
     return _notify_socket() is not None
 
 
-def _store(name: str, fd: int) -> None:
+def store_fd(name: str, fd: int) -> None:
+    """Put ``fd`` in the service manager's fd store as ``name`` (the default :data:`Sink`)."""
     path = _notify_socket()
     assert path is not None
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:  # (socket.send_fds ignores its address)
@@ -100,6 +105,7 @@ class Inherited:
     """The descriptors the store gave this process at start, by name."""
 
     fds: dict[str, int] = field(default_factory=dict)
+    from_store: bool = True  # False: a predecessor passed them directly (nothing to remove from a store)
 
     @classmethod
     def from_environment(cls) -> Inherited:
@@ -121,14 +127,18 @@ class Inherited:
         fd = self.fds.pop(name, None)
         if fd is None:
             return None
-        _remove(name)
+        self._forget(name)
         return socket.socket(fileno=fd)
+
+    def _forget(self, name: str) -> None:
+        if self.from_store:
+            _remove(name)
 
     def state(self) -> dict[str, Any] | None:
         fd = self.fds.pop(STATE, None)
         if fd is None:
             return None
-        _remove(STATE)
+        self._forget(STATE)
         try:
             with os.fdopen(fd, "rb") as fh:
                 fh.seek(0)
@@ -145,7 +155,7 @@ class Inherited:
         for name in list(self.fds):
             with contextlib.suppress(OSError):
                 os.close(self.fds.pop(name))
-            _remove(name)
+            self._forget(name)
 
 
 _HELD: dict[type[asyncio.Protocol], type] = {}
@@ -208,13 +218,13 @@ class _Released:
         return None
 
 
-def store_listener(name: str, server: Any) -> None:
+def store_listener(name: str, server: Any, sink: Sink = store_fd) -> None:
     sockets = getattr(server, "sockets", None)
     if sockets:
-        _store(LISTENER + name, sockets[0].fileno())
+        sink(LISTENER + name, sockets[0].fileno())
 
 
-async def hand_over(manager: SessionManager, flush_seconds: float) -> int:
+async def hand_over(manager: SessionManager, flush_seconds: float, sink: Sink = store_fd) -> int:
     """Push every session that can go on to the store; returns how many. The rest is left as it was."""
     started = time.monotonic()
     candidates: list[tuple[Any, Any]] = []  # (session, its backend transport)
@@ -251,14 +261,14 @@ async def hand_over(manager: SessionManager, flush_seconds: float) -> int:
         via_peer = False
         if keep_client:
             assert conn is not None and client_sock is not None
-            _store(CLIENT + s.id, client_sock.fileno())  # the same connection goes on in the next process
+            sink(CLIENT + s.id, client_sock.fileno())  # the same connection goes on in the next process
             via_peer = getattr(conn, "service", None) is None
             conn.bind(None)
             conn.abort()  # our descriptor only (the store holds the connection open): no RST
         elif s.core.state != c.DETACHED:
             continue
         sock = up.get_extra_info("socket")
-        _store(BACKEND + s.id, sock.fileno())
+        sink(BACKEND + s.id, sock.fileno())
         states.append({"core": _encode(s.core.to_state()), "service": s.service.name, "device": s.device,
                        "since": s.since, "client": keep_client, "via_peer": via_peer})
         s._cancel_timer(c.GRACE)
@@ -269,10 +279,11 @@ async def hand_over(manager: SessionManager, flush_seconds: float) -> int:
     try:
         os.write(fd, json.dumps({"format": FORMAT, "cloudlet": manager.cloudlet, "saved": time.time(),
                                  "sessions": states}).encode())
-        _store(STATE, fd)
+        sink(STATE, fd)
     finally:
         os.close(fd)
     event(log, logging.INFO, "sessions handed over to the next process", sessions=len(states),
+          to="successor" if sink is not store_fd else "fd store",
           not_handed_over=len(manager.sessions), ms=round((time.monotonic() - started) * 1000, 1))
     return len(states)
 
@@ -327,3 +338,100 @@ async def take_back(manager: SessionManager, inherited: Inherited) -> int:
     event(log, logging.INFO, "sessions taken back from the previous process", sessions=taken,
           handed_over=len(data.get("sessions", [])))
     return taken
+
+
+# -- in-place upgrade: a successor started while this process serves, descriptors over SCM_RIGHTS --
+_TAKE, _DONE, _STARTED = b"take", b"done", b"started"
+
+
+class Successor:
+    """The next process of an in-place upgrade, seen from the running one (``POST /v1/upgrade``).
+
+    It is started at once and imports and reads its config while this process goes on serving; only
+    when it says ``take`` does this one stop and pass everything (:meth:`send`, the same names as
+    the fd store); it answers ``started`` once it serves. The stall is the hand-over itself, not a
+    process start (docs/sessiond.md, Restart).
+    """
+
+    def __init__(self, argv: list[str]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock = ours
+        env = {**os.environ, PREDECESSOR_ENV: str(theirs.fileno())}
+        for key in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            env.pop(key, None)
+        try:
+            self.proc = subprocess.Popen(argv, env=env, pass_fds=[theirs.fileno()])
+        finally:
+            theirs.close()
+        self.pid = self.proc.pid
+        self.sent = 0
+
+    async def _recv(self, timeout: float) -> bytes:
+        loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        try:
+            async with asyncio.timeout(timeout):
+                return await loop.sock_recv(self.sock, 64)
+        except (TimeoutError, OSError):
+            return b""
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Until the successor asks to take over (False: it died, or did not ask in time)."""
+        return await self._recv(timeout) == _TAKE
+
+    def send(self, name: str, fd: int) -> None:
+        self.sock.setblocking(True)
+        socket.send_fds(self.sock, [name.encode()], [fd])
+        self.sent += 1
+
+    def done(self) -> None:
+        self.sock.setblocking(True)
+        self.sock.send(_DONE)
+
+    async def wait_started(self, timeout: float) -> bool:
+        return await self._recv(timeout) == _STARTED
+
+    def abandon(self) -> None:
+        """The upgrade did not happen: the successor goes, this process keeps serving."""
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class Predecessor:
+    """The running process this one takes over from in an in-place upgrade (``$CLOUDLET_HANDOFF_FD``)."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.settimeout(60.0)
+
+    @classmethod
+    def from_environment(cls) -> Predecessor | None:
+        fd = os.environ.pop(PREDECESSOR_ENV, "")
+        return cls(int(fd)) if fd.isdigit() else None
+
+    def take(self) -> Inherited:
+        """Ask for everything; returns it once the predecessor has stopped (``done``)."""
+        self.sock.sendall(_TAKE)
+        fds: dict[str, int] = {}
+        while True:
+            data, got, _, _ = socket.recv_fds(self.sock, 4096, 1)
+            if not got and data == _DONE:
+                return Inherited(fds, from_store=False)
+            if not got:
+                for fd in fds.values():
+                    os.close(fd)
+                raise OSError("the predecessor stopped before handing everything over")
+            fds[data.decode()] = got[0]
+
+    def started(self) -> None:
+        """Tell the predecessor this process serves; wait until it has passed the unit to us and exited."""
+        with contextlib.suppress(OSError):
+            self.sock.sendall(_STARTED)
+            self.sock.settimeout(10.0)
+            self.sock.recv(1)  # its end closes once it told the service manager our PID
+        self.sock.close()

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from cloudlet._version import VERSION as __version__
 from cloudlet.common import sdnotify
 from cloudlet.common.config import ConfigError
 from cloudlet.common.logs import event, setup_logging
@@ -24,11 +25,16 @@ from cloudlet.sessiond.reload import ReloadRefused
 log = logging.getLogger(__name__)
 
 
-async def serve(config: SessiondConfig, ready_fd: int | None = None, config_path: str | None = None) -> None:
+async def serve(config: SessiondConfig, ready_fd: int | None = None, config_path: str | None = None,
+                successor_argv: list[str] | None = None) -> None:
     daemon = Sessiond(config, config_path=config_path)
+    daemon.successor_argv = successor_argv
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
     await daemon.start()
+    if daemon.predecessor is not None:  # it passes the unit's main PID to us, then exits
+        await asyncio.to_thread(daemon.predecessor.started)
+        daemon.predecessor = None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -44,7 +50,11 @@ async def serve(config: SessiondConfig, ready_fd: int | None = None, config_path
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
     sdnotify.notify("READY=1")
-    await stop.wait()
+    stopping = loop.create_task(stop.wait())
+    upgraded = loop.create_task(daemon.stopped.wait())  # set by an in-place upgrade: the successor serves
+    await asyncio.wait([stopping, upgraded], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    upgraded.cancel()
     await daemon.stop()
 
 
@@ -60,6 +70,57 @@ async def request_reload(control_socket: str) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         async with http.post("http://sessiond/v1/reload") as resp:
             return resp.status, await resp.json()
+
+
+async def request_upgrade(control_socket: str, force: bool = False,
+                          timeout: float = 90.0) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """``POST /v1/upgrade``, then ``GET /v1/health`` until the successor answers: (status, upgrade, health)."""
+    async def call(method: str, path: str) -> tuple[int, dict[str, Any]]:
+        connector = aiohttp.UnixConnector(path=control_socket)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
+            async with http.request(method, f"http://sessiond{path}") as resp:
+                return resp.status, await resp.json()
+
+    _, before = await call("GET", "/v1/health")
+    if before.get("version") == __version__ and not force:
+        return 200, {"status": "current"}, before
+    status, body = await call("POST", "/v1/upgrade")
+    if status != 202:
+        return status, body, before
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+        try:
+            _, health = await call("GET", "/v1/health")
+        except (OSError, aiohttp.ClientError, ValueError):
+            continue  # between the two processes
+        if health.get("pid") == body["successor"]:
+            return 202, body, health
+    return 504, body, before
+
+
+def upgrade_running(config: SessiondConfig, force: bool = False) -> int:
+    """``--upgrade``: 0 upgraded (or already current), 1 not running, 3 not possible in place (restart)."""
+    try:
+        status, body, health = asyncio.run(request_upgrade(config.control_socket, force))
+    except (OSError, aiohttp.ClientError, ValueError) as exc:
+        print(f"cloudlet sessiond: cannot reach the running sessiond at {config.control_socket}: {exc}", file=sys.stderr)
+        return 1
+    if status == 200:
+        print(f"sessiond {config.cloudlet}: already runs {__version__} (nothing to upgrade)")
+        return 0
+    if status == 202:
+        print(f"sessiond {config.cloudlet}: upgraded in place to {health.get('version')}: pid {body['pid']} -> "
+              f"{body['successor']}, {health.get('taken_back', 0)} session(s) taken over")
+        return 0
+    if status == 504:
+        print(f"cloudlet sessiond: the successor (pid {body.get('successor')}) did not take over in time; "
+              "see the journal", file=sys.stderr)
+        return 3
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    print(f"cloudlet sessiond: no in-place upgrade ({status} {error.get('message', '')}): restart it instead",
+          file=sys.stderr)
+    return 3
 
 
 def reload_running(config: SessiondConfig, path: str) -> int:
@@ -85,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
         refused = "reload refused, the running sessiond keeps its config: " if args.reload else ""
         print(f"cloudlet sessiond: {refused}bad config {exc}", file=sys.stderr, flush=True)
         return 2
-    if args.check_config or args.reload:
-        problems = check_files(config, keys=not args.reload)
+    if args.check_config or args.reload or args.upgrade:
+        problems = check_files(config, keys=args.check_config)
         if problems:
             refused = "reload refused, the running sessiond keeps its config: " if args.reload else ""
             print(f"cloudlet sessiond: {refused}bad config {ConfigError(args.config, problems)}", file=sys.stderr,
@@ -94,13 +155,19 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if args.reload:
             return reload_running(config, args.config)
+        if args.upgrade:
+            return upgrade_running(config, args.force)
         print(f"config {args.config} is valid (cloudlet {config.cloudlet}, {len(config.peers)} peer(s))")
         return 0
     setup_logging(args.log_level or config.log_level, args.log_format or config.log_format)
     raise_nofile_limit()
     use_fast_loop(args.loop)
     try:
-        asyncio.run(serve(config, config_path=args.config))
+        successor = [sys.executable, "-m", "cloudlet", "sessiond", "--config", args.config, "--loop", args.loop]
+        for flag in ("log_level", "log_format"):
+            if getattr(args, flag):
+                successor += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+        asyncio.run(serve(config, config_path=args.config, successor_argv=successor))
     except (OSError, ValueError) as exc:
         event(log, logging.ERROR, "sessiond failed to start", error=str(exc))
         return 1
@@ -122,6 +189,14 @@ def register(subparsers: Any) -> None:
                    help="validate the config, then have the running sessiond apply it in place (peers, limits, "
                    "log level; no session is touched); exit 0 applied, 2 bad config, 3 needs a restart, "
                    "1 not running. The unit's ExecReload.")
+    p.add_argument("--upgrade", action="store_true",
+                   help="have the running sessiond start this installed version as its successor and hand every "
+                   "session, connection and listener to it once it is ready (no restart: a pause of the "
+                   "hand-over only); exit 0 upgraded or already current, 3 not possible in place (restart "
+                   "instead), 1 not running. See docs/sessiond.md, Restart.")
+    p.add_argument("--force", action="store_true",
+                   help="with --upgrade: hand over to a successor even if it is the version running (it applies "
+                   "the keys only a restart applies, without a restart's pause)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override the config's log_level")
     p.add_argument("--log-format", choices=["json", "text"], help="override the config's log_format")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
