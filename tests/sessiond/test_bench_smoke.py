@@ -54,8 +54,8 @@ def test_bench_mobility_follows_the_drive_and_loses_nothing() -> None:
 
 def test_bench_restart_keeps_every_session_across_clean_restarts() -> None:
     r = bench("restart", "--sessions", "4", "--restarts", "2", "--interval", "0.5")
-    clean, kill9 = r["clean"], r["kill9"]
-    for kind in (clean, kill9):
+    clean, upgrade, kill9 = r["clean"], r["upgrade"], r["kill9"]
+    for kind in (clean, upgrade, kill9):
         for key in ("restarts", "sessions", "sessions_kept", "bytes_lost", "bytes_duplicated", "connections_closed",
                     "stall_ms_p99"):
             assert key in kind, key
@@ -63,4 +63,6 @@ def test_bench_restart_keeps_every_session_across_clean_restarts() -> None:
     assert clean["restarts"] == 2 and clean["sessions"] == 4
     assert clean["sessions_kept"] == 4 and clean["connections_closed"] == 0  # handed over, none closed
     assert clean["bytes_lost"] == 0 and clean["bytes_duplicated"] == 0
+    assert upgrade["sessions_kept"] == 4 and upgrade["connections_closed"] == 0  # the successor took them over
+    assert upgrade["bytes_lost"] == 0 and upgrade["bytes_duplicated"] == 0
     assert kill9["bytes_duplicated"] == 0 and kill9["connections_closed"] == 4  # refused clearly, never replaced
