@@ -322,7 +322,12 @@ def test_systemctl_reload_with_a_broken_config_is_refused_and_the_running_one_st
     assert on_host("systemctl", "is-active", "cloudlet-sessiond").stdout.strip() == "active"
     journal = on_host("journalctl", "-u", "cloudlet-sessiond", "-n", "80", "--no-pager").stdout
     assert "reload refused" in journal and "sessiond.grace_seconds" in journal
-    assert "nothing changed" in journal  # the good file again: the reload ran and found its config
+    assert "nothing changed" in journal and "config reloaded" in journal  # the good file again
+    # journald got each line's priority: the refusal is an error, the reload's lines are info
+    warnings = on_host("journalctl", "-p", "warning", "-u", "cloudlet-sessiond", "-n", "80", "--no-pager").stdout
+    assert "reload refused" in warnings
+    assert "config reloaded" not in warnings and "nothing changed" not in warnings
+    assert "sessiond started" not in warnings
 
 
 def test_in_place_upgrade_under_systemd_passes_the_unit_and_the_session_to_the_successor():

@@ -2,15 +2,22 @@
 
 Every daemon calls :func:`setup_logging` once; modules log with ``logging.getLogger(__name__)``
 and pass structured fields through ``extra={"fields": {...}}`` (see :func:`event`).
+
+Under systemd, stderr is a journal stream (``$JOURNAL_STREAM`` names it): every line then starts
+with its syslog priority, ``<3>`` for an error, ``<4>`` a warning, ``<6>`` info, ``<7>`` debug,
+which journald takes as the entry's priority and strips (``SyslogLevelPrefix=``, on by default), so
+``journalctl -p warning`` shows exactly the warnings and errors. Commands print their own errors
+through :func:`error_text` for the same reason.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 _RESERVED = frozenset(vars(logging.makeLogRecord({})))
 
@@ -44,10 +51,44 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def to_journal(stream: TextIO | None = None) -> bool:
+    """Whether ``stream`` (stderr) is the journal stream systemd connected (``$JOURNAL_STREAM``)."""
+    stream = sys.stderr if stream is None else stream
+    value = os.environ.get("JOURNAL_STREAM", "")
+    if ":" not in value:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return value == f"{st.st_dev}:{st.st_ino}"
+
+
+class JournalPrefix(logging.Formatter):
+    """Another formatter's text with the record's syslog priority in front, once per line."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
+
+
+def error_text(text: str, priority: int = 3) -> str:
+    """A command's error line for stderr: with its journal priority when stderr is the journal."""
+    return "\n".join(f"<{priority}>{line}" for line in text.split("\n")) if to_journal() else text
+
+
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
     """Configure the root logger once for a daemon or command."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handler.setFormatter(JournalPrefix(formatter) if to_journal() else formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

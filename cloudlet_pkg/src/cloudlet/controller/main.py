@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cloudlet.common import sdnotify
-from cloudlet.common.logs import setup_logging
+from cloudlet.common.logs import error_text, setup_logging
 from cloudlet.common.loop import quiet_accept_errors, raise_nofile_limit
 from cloudlet.controller import config as config_mod
 
@@ -56,10 +56,10 @@ def _cmd(args: argparse.Namespace) -> int:
         raise_nofile_limit()
         return asyncio.run(_run(cfg))
     except config_mod.ConfigError as exc:
-        print(f"cloudlet controller: {exc}", file=sys.stderr)
+        print(error_text(f"cloudlet controller: {exc}"), file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"cloudlet controller: {exc}", file=sys.stderr)
+        print(error_text(f"cloudlet controller: {exc}"), file=sys.stderr)
         return 1
 
 

@@ -16,7 +16,7 @@ import aiohttp
 from cloudlet._version import VERSION as __version__
 from cloudlet.common import sdnotify
 from cloudlet.common.config import ConfigError
-from cloudlet.common.logs import event, setup_logging
+from cloudlet.common.logs import error_text, event, setup_logging
 from cloudlet.common.loop import quiet_accept_errors, raise_nofile_limit, use_fast_loop
 from cloudlet.sessiond.config import SessiondConfig, check_files
 from cloudlet.sessiond.daemon import Sessiond
@@ -104,7 +104,8 @@ def upgrade_running(config: SessiondConfig, force: bool = False) -> int:
     try:
         status, body, health = asyncio.run(request_upgrade(config.control_socket, force))
     except (OSError, aiohttp.ClientError, ValueError) as exc:
-        print(f"cloudlet sessiond: cannot reach the running sessiond at {config.control_socket}: {exc}", file=sys.stderr)
+        print(error_text(f"cloudlet sessiond: cannot reach the running sessiond at {config.control_socket}: {exc}"),
+              file=sys.stderr)
         return 1
     if status == 200:
         print(f"sessiond {config.cloudlet}: already runs {__version__} (nothing to upgrade)")
@@ -114,12 +115,12 @@ def upgrade_running(config: SessiondConfig, force: bool = False) -> int:
               f"{body['successor']}, {health.get('taken_back', 0)} session(s) taken over")
         return 0
     if status == 504:
-        print(f"cloudlet sessiond: the successor (pid {body.get('successor')}) did not take over in time; "
-              "see the journal", file=sys.stderr)
+        print(error_text(f"cloudlet sessiond: the successor (pid {body.get('successor')}) did not take over in "
+                         "time; see the journal"), file=sys.stderr)
         return 3
     error = body.get("error", {}) if isinstance(body, dict) else {}
-    print(f"cloudlet sessiond: no in-place upgrade ({status} {error.get('message', '')}): restart it instead",
-          file=sys.stderr)
+    print(error_text(f"cloudlet sessiond: no in-place upgrade ({status} {error.get('message', '')}): restart it "
+                     "instead", 4), file=sys.stderr)
     return 3
 
 
@@ -128,14 +129,15 @@ def reload_running(config: SessiondConfig, path: str) -> int:
     try:
         status, body = asyncio.run(request_reload(config.control_socket))
     except (OSError, aiohttp.ClientError) as exc:
-        print(f"cloudlet sessiond: cannot reach the running sessiond at {config.control_socket}: {exc}", file=sys.stderr)
+        print(error_text(f"cloudlet sessiond: cannot reach the running sessiond at {config.control_socket}: {exc}"),
+              file=sys.stderr)
         return 1
     if status == 200:
         parts = [f"{k.replace('_', ' ')}: {', '.join(v)}" for k, v in body.items() if isinstance(v, list) and v]
         print(f"sessiond {config.cloudlet}: reloaded {path}" + (f" ({'; '.join(parts)})" if parts else " (nothing changed)"))
         return 0
     error = body.get("error", {})
-    print(f"cloudlet sessiond: reload refused: {error.get('message', status)}", file=sys.stderr)
+    print(error_text(f"cloudlet sessiond: reload refused: {error.get('message', status)}"), file=sys.stderr)
     return 3 if error.get("code") == "restart_required" else 2
 
 
@@ -144,14 +146,14 @@ def run(args: argparse.Namespace) -> int:
         config = SessiondConfig.load(args.config)
     except ConfigError as exc:
         refused = "reload refused, the running sessiond keeps its config: " if args.reload else ""
-        print(f"cloudlet sessiond: {refused}bad config {exc}", file=sys.stderr, flush=True)
+        print(error_text(f"cloudlet sessiond: {refused}bad config {exc}"), file=sys.stderr, flush=True)
         return 2
     if args.check_config or args.reload or args.upgrade:
         problems = check_files(config, keys=args.check_config)
         if problems:
             refused = "reload refused, the running sessiond keeps its config: " if args.reload else ""
-            print(f"cloudlet sessiond: {refused}bad config {ConfigError(args.config, problems)}", file=sys.stderr,
-                  flush=True)
+            print(error_text(f"cloudlet sessiond: {refused}bad config {ConfigError(args.config, problems)}"),
+                  file=sys.stderr, flush=True)
             return 2
         if args.reload:
             return reload_running(config, args.config)
