@@ -35,6 +35,7 @@ LAYERS: dict[str, set[str]] = {
     "controller": {"common", "protocol", "_version"},
     "client": {"common", "protocol"},
     "images": set(),
+    "status": {"_version"},  # asks the daemons over their APIs, imports neither
     "cli": {"*"},  # the command dispatcher registers every component (lazily)
     "__main__": {"cli"},
     "__init__": {"_version"},

@@ -25,6 +25,7 @@ COMPONENTS: tuple[tuple[str, str, str], ...] = (
     ("agent", "cloudlet.client.agent_cli", ""),
     ("session", "cloudlet.client.cli", ""),
     ("image", "cloudlet.images", ""),
+    ("status", "cloudlet.status", ""),
 )
 # other distributions add subcommands here (cloudlet-bench adds `bench`)
 ENTRY_POINT_GROUP = "cloudlet.commands"

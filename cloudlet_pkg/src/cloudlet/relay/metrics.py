@@ -14,6 +14,7 @@ from cloudlet.common.admission_metrics import AdmissionCollector
 @dataclass
 class SessiondMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    _admissions: AdmissionCollector | None = None
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -57,4 +58,7 @@ class SessiondMetrics:
 
     def watch_admission(self, listener: str, admission: Admission) -> None:
         """Export one admission's state: open and pending connections, evictions and refusals."""
-        self.registry.register(AdmissionCollector(admission, {"listener": listener}))
+        if self._admissions is None:
+            self._admissions = AdmissionCollector()
+            self.registry.register(self._admissions)
+        self._admissions.add(admission, {"listener": listener})
