@@ -141,3 +141,42 @@ def test_k3s_converges_from_an_airgap_folder(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     again = playbook(tmp_path, inv, ROLE_PLAY.format(role="k3s"))
     assert again.returncode == 0 and "changed=0" in again.stdout
+
+
+def _wheelhouse(tmp_path, *names):
+    wh = tmp_path / "wheelhouse"
+    wh.mkdir()
+    for name in ("cloudlet-0.3.0+src.abc-py3-none-any.whl", *names):
+        (wh / name).write_bytes(b"")
+    return wh
+
+
+def test_a_wheelhouse_of_another_architecture_stops_with_a_clear_message(tmp_path):
+    wh = _wheelhouse(tmp_path, "uvloop-0.23.0-cp311-cp311-manylinux2014_aarch64.manylinux_2_17_aarch64.whl")
+    inv = local_inventory(cloudlet_wheelhouse_dir=str(wh), cloudlet_credentials_dir=str(tmp_path / "creds"))
+    proc = playbook(tmp_path, inv, ROLE_PLAY.format(role="cloudlet"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    import platform
+    assert f"localhost is {platform.machine()} with CPython" in out and "aarch64" in out
+    assert "build a wheelhouse on a machine of" in out
+    assert "TASK [cloudlet.fleet.cloudlet : Install Debian packages" not in out
+    assert not (tmp_path / "creds").exists()
+
+
+def test_a_wheelhouse_of_another_python_stops_and_one_of_ours_passes_the_check(tmp_path):
+    import platform
+    arch = platform.machine()
+    wh = _wheelhouse(tmp_path, f"aiohttp-3.14.5-cp399-cp399-manylinux2014_{arch}.whl")
+    inv = local_inventory(cloudlet_wheelhouse_dir=str(wh), cloudlet_credentials_dir=str(tmp_path / "creds"))
+    out = playbook(tmp_path, inv, ROLE_PLAY.format(role="cloudlet")).stdout
+    assert "cp399-cp399" in out and "build a wheelhouse on a machine of" in out
+    ours = f"cp{sys.version_info[0]}{sys.version_info[1]}"  # the node here is this machine's python3
+    node = subprocess.run(["/usr/bin/python3", "-c", "import sys; print('cp%d%d' % sys.version_info[:2])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (wh / f"aiohttp-3.14.5-cp399-cp399-manylinux2014_{arch}.whl").unlink()
+    (wh / f"aiohttp-3.14.5-{node}-{node}-manylinux2014_{arch}.whl").write_bytes(b"")
+    (wh / f"cryptography-50.0.2-cp311-abi3-manylinux_2_34_{arch}.whl").write_bytes(b"")
+    out = playbook(tmp_path, inv, ROLE_PLAY.format(role="cloudlet"), "--check").stdout
+    assert "Check the wheelhouse was built for this node's architecture and Python" in out
+    assert "build a wheelhouse on a machine of" not in out, (ours, out[-3000:])
