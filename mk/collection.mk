@@ -31,9 +31,10 @@ test-collection-integration: ## cloudlet.fleet: ansible-playbook against a real 
 # tests/ansible runs in test-collection; keep test-python from running it a second time.
 test-python: override PYTEST_ARGS += --ignore=tests/ansible
 
-lint-collection: ## cloudlet.fleet: yamllint + ansible-lint --profile production on the collection and example playbook
+lint-collection: ## cloudlet.fleet: yamllint + ansible-lint --profile production on the collection and example playbook, antsibull-changelog lint of the fragments
 	yamllint -s .yamllint .ansible-lint $(COLLECTION_LINT_PATHS)
 	ansible-lint --profile production $(COLLECTION_LINT_PATHS)
+	cd $(COLLECTION_DIR) && antsibull-changelog lint
 
 # ansible-test sanity with the project's own Python (--local: .venv already holds ansible-core and its
 # requirements; --venv would bootstrap a controller virtualenv under tests/output/.tmp on every fresh
