@@ -13,7 +13,9 @@ version_added: 0.1.0
 description:
   - With O(state=present), asks the cloudlet controller for a new session credential for the service
     O(name) (C(POST /v1/services/{name}/sessions)) and returns it with the host and port a device
-    connects to. Every run issues a new credential, so the task always reports C(changed).
+    connects to. Every run issues a new credential, yet the task reports C(changed=false): a
+    credential is verified by its MAC alone, so issuing one changes nothing on the cloudlet (nothing
+    is stored until a device attaches with it). Ending a session is a change.
   - With O(state=absent), ends the session of the credential O(session) (C(DELETE /v1/sessions/{credential})),
     wherever the device is attached; its credential is refused afterwards. A credential without a live
     session (already ended, or never used) reports C(changed=false).
@@ -140,11 +142,11 @@ def issue(module: AnsibleModule, client: ControllerClient, name: str) -> dict[st
     if module.check_mode:
         if client.get_service(name) is None:
             raise ControllerError("not_found", "service %r does not exist" % name, 404)
-        return {"changed": True, "service": name}
+        return {"changed": False, "service": name}
     answer = client.create_session(name)
     credential = answer["session"]
     return {
-        "changed": True,
+        "changed": False,  # nothing on the cloudlet changed (module DOCUMENTATION)
         "session": credential,
         "id": answer.get("id") or session_id(credential),
         "service": answer.get("service", name),
