@@ -88,3 +88,57 @@ def test_images_playbook_loads_once_predicts_reloads_a_new_build_and_removes(tmp
     finally:
         for ref in (tag, first):
             podman("rmi", "-f", ref, check=False)
+
+
+FAKE_K3S = """#!/bin/sh
+# a stand-in for k3s (no k3s binary can be had here): records every call, keeps a list of images
+echo "$*" >> "$FAKE_K3S_DIR/calls"
+[ -e "$FAKE_K3S_DIR/down" ] && exit 1
+case "$*" in
+  "ctr -n k8s.io images ls -q name=="*) cat "$FAKE_K3S_DIR/images" 2>/dev/null; exit 0 ;;
+  "ctr -n k8s.io images import "*) echo "$FAKE_K3S_IMAGE" >> "$FAKE_K3S_DIR/images"; exit 0 ;;
+  "ctr -n k8s.io images rm "*) : > "$FAKE_K3S_DIR/images"; exit 0 ;;
+esac
+exit 2
+"""
+
+
+def test_on_k3s_the_archive_goes_to_the_airgap_dir_and_into_containerd_once(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The k3s path, with a recording stand-in for the k3s binary: the exact commands it is sent."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "k3s").write_text(FAKE_K3S)
+    (fake / "k3s").chmod(0o755)
+    archive = tmp_path / "app-1.tar"
+    archive.write_bytes(b"not read on this path: containerd reads it")
+    monkeypatch.setenv("FAKE_K3S_DIR", str(fake))
+    monkeypatch.setenv("FAKE_K3S_IMAGE", "localhost/app:1")
+    airgap = tmp_path / "airgap"
+    airgap.mkdir()
+    extra = ("-e", f"images_archive={archive}", "-e", "images_name=localhost/app:1", "-e", "cloudlet_runtime=kubernetes",
+             "-e", f"k3s_install_dir={fake}", "-e", f"k3s_images_dir={airgap}")
+    node_copy = tmp_path / "state" / "images" / "app-1.tar"
+
+    first, recap = run(tmp_path, "/nonexistent.sock", *extra)
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert (airgap / "app-1.tar").read_bytes() == archive.read_bytes()  # imported again at every k3s start
+    calls = (fake / "calls").read_text().splitlines()
+    assert calls == ["ctr -n k8s.io images ls -q name==localhost/app:1", f"ctr -n k8s.io images import {node_copy}"]
+    assert "imported into containerd" in first.stdout
+
+    second, recap = run(tmp_path, "/nonexistent.sock", *extra)
+    assert second.returncode == 0 and recap["changed"] == 0, second.stdout[-3000:]
+    assert (fake / "calls").read_text().splitlines()[2:] == ["ctr -n k8s.io images ls -q name==localhost/app:1"]
+    assert "already in containerd" in second.stdout
+
+    (fake / "down").write_text("")  # k3s not running: the airgap directory alone
+    (fake / "images").write_text("")
+    third, _ = run(tmp_path, "/nonexistent.sock", *extra)
+    assert third.returncode == 0 and "k3s is not running" in third.stdout, third.stdout[-3000:]
+    (fake / "down").unlink()
+
+    (fake / "images").write_text("localhost/app:1\n")
+    removed, recap = run(tmp_path, "/nonexistent.sock", *extra, "-e", "images_state=absent")
+    assert removed.returncode == 0 and recap["changed"] == 1, removed.stdout[-3000:]
+    assert (fake / "calls").read_text().splitlines()[-1] == "ctr -n k8s.io images rm localhost/app:1"
