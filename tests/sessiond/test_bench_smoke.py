@@ -21,9 +21,17 @@ def test_bench_proxy_reports_every_figure() -> None:
     if not shutil.which("socat"):
         pytest.skip("socat not installed (Debian package socat): it is the baseline")
     r = bench("proxy", "--gib", "0.03", "--rounds", "1", "--pings", "50", "--idle", "200")
-    for key in ("direct_gbps", "socat_gbps", "session_gbps", "ratio_vs_direct", "ratio_vs_socat",
-                "added_latency_us_p50", "added_latency_us_p99", "idle_session_kib"):
+    for key in ("direct_gbps", "socat_gbps", "session_gbps", "ratio_vs_direct", "ratio_vs_socat", "idle_session_kib"):
         assert isinstance(r[key], (int, float)), key
+    assert r["latency_rounds"] == 50
+    for key in ("added_latency_us_p50", "added_latency_us_p99"):
+        lo, hi = r[key + "_ci95"]
+        assert lo <= hi
+        # a figure is never negative: it is a measurement within its interval, or null and said to be noise
+        if r[key] is None:
+            assert key in r["added_latency_note"] and "noise" in r["added_latency_note"]
+        else:
+            assert r[key] >= 0 and lo >= 0
     assert r["direct_gbps"] > 0 and r["session_gbps"] > 0 and r["socat_gbps"] > 0
     assert r["idle_sessions"] == 200
 

@@ -5,8 +5,11 @@ Throughput: one TCP stream of ``--gib`` GiB from a source thread to a sink threa
 then raw bytes). The other direction (``down_*``: a ``socat`` source reading /dev/zero, so the
 backend is never the bottleneck) is measured direct, through a mode 0 session and through a mode 2
 (resumable) session, which keeps a replay copy of what it sends and never uses splice. Latency:
-``--pings`` one-byte ping-pongs through the same three paths; the relay's added latency is its
-p50/p99 minus direct's. Memory: ``--idle`` idle sessions opened through sessiond; RSS growth of the
+``--pings`` rounds of one-byte ping-pongs, one on each of the three paths per round, the order
+rotating (cloudlet_bench.latency_stats): the relay's added latency is the median of the per-round
+differences (relay minus direct) with a 95 % interval, its tail the p99 difference over the same
+rounds with a bootstrap interval; an estimate within the noise is printed as null, with a note.
+Memory: ``--idle`` idle sessions opened through sessiond; RSS growth of the
 sessiond process per session.
 """
 
@@ -27,6 +30,7 @@ from cloudlet.common.loop import raise_nofile_limit
 from cloudlet.protocol.wire import REPLY_FIXED, Mode, Op, encode_header, parse_reply
 
 from cloudlet_bench.harness.sessiond import Fleet, rss_kib
+from cloudlet_bench.latency_stats import added, interleave
 
 CHUNK = 1 << 20
 
@@ -180,20 +184,18 @@ def download(port: int, nbytes: int, credential: str | None = None, mode: Mode =
     return got * 8 / elapsed / 1e9
 
 
-def pingpong(port: int, count: int, credential: str | None = None) -> list[float]:
+def _pinger(port: int, credential: str | None = None) -> tuple[socket.socket, Any]:
+    """A connection through a path and one ping-pong on it (microseconds) per call."""
     s = _connect(port, credential)
-    out = []
-    for _ in range(100):  # warm-up
-        s.sendall(b"p")
-        s.recv(1)
-    for _ in range(count):
+
+    def one() -> float:
         t0 = time.perf_counter()
         s.sendall(b"p")
         if not s.recv(1):
             raise RuntimeError("echo closed")
-        out.append((time.perf_counter() - t0) * 1e6)
-    s.close()
-    return out
+        return (time.perf_counter() - t0) * 1e6
+
+    return s, one
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -304,11 +306,16 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             rates["down_session"].append(await asyncio.to_thread(download, source_svc, nbytes, fleet.credential("source", "bench")))
             rates["down_resumable"].append(await asyncio.to_thread(
                 download, source_svc, nbytes, fleet.credential("source", "bench"), Mode.RESUMABLE))
-        lat = {
-            "direct": await asyncio.to_thread(pingpong, sink.echo_port, args.pings),
-            "socat": await asyncio.to_thread(pingpong, socat_echo_port, args.pings),
-            "session": await asyncio.to_thread(pingpong, echo_svc, args.pings, fleet.credential("echo", "bench")),
-        }
+        socks, pingers = [], {}
+        for name, port, cred in (("direct", sink.echo_port, None), ("socat", socat_echo_port, None),
+                                 ("session", echo_svc, fleet.credential("echo", "bench"))):
+            sock, pingers[name] = _pinger(port, cred)
+            socks.append(sock)
+        try:  # sample by sample, the order rotating: every round's three samples saw the same moment
+            lat = await asyncio.to_thread(interleave, pingers, args.pings)
+        finally:
+            for sock in socks:
+                sock.close()
         idle_kib = await idle_sessions(fleet, sd, idle) if idle else None
         best = {k: max(v) for k, v in rates.items()}
         p50 = {k: statistics.median(v) for k, v in lat.items()}
@@ -329,9 +336,11 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "direct_latency_us_p50": round(p50["direct"], 1),
             "socat_latency_us_p50": round(p50["socat"], 1),
             "session_latency_us_p50": round(p50["session"], 1),
-            "added_latency_us_p50": round(p50["session"] - p50["direct"], 1),
-            "added_latency_us_p99": round(p99["session"] - p99["direct"], 1),
-            "socat_added_latency_us_p50": round(p50["socat"] - p50["direct"], 1),
+            "direct_latency_us_p99": round(p99["direct"], 1),
+            "session_latency_us_p99": round(p99["session"], 1),
+            "latency_rounds": len(lat["direct"]),
+            **added(lat["session"], lat["direct"], "added_latency"),
+            **added(lat["socat"], lat["direct"], "socat_added_latency"),
             "idle_sessions": idle,
             "idle_sessions_requested": args.idle,
             "nofile_limit": limit,
