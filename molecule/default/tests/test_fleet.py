@@ -385,3 +385,76 @@ def test_in_place_upgrade_under_systemd_passes_the_unit_and_the_session_to_the_s
     assert on_host("systemctl", "restart", "cloudlet-sessiond").returncode == 0
     assert main_pid() not in (after, "0")
     assert on_host("systemctl", "is-active", "cloudlet-sessiond").stdout.strip() == "active"
+
+
+def test_kill_9_of_sessiond_under_systemd_refuses_its_sessions_clearly_and_serves_again():
+    """``systemctl kill -s KILL``: systemd restarts it (Restart=on-failure); nothing was handed over, so
+    the session is refused SESSION_LOST (never silently given a new backend); new sessions work."""
+    import asyncio
+    import time
+    import tomllib
+
+    from cloudlet.client import SessionClient, SessionRefused
+    from cloudlet.protocol.wire import Status
+
+    profile = tomllib.loads((DEVICES / "demo-client.toml").read_text())["device"]
+    hosts = json.loads((STATE / "fleet.json").read_text())["hosts"]
+    name = sorted(PEERS)[0]
+    container = hosts[name]["container"]
+
+    def on_host(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["podman", "exec", container, *argv], capture_output=True, text=True)
+
+    def main_pid() -> str:
+        return on_host("systemctl", "show", "--property=MainPID", "--value", "cloudlet-sessiond").stdout.strip()
+
+    def new_session() -> dict:
+        status, sess = https(f"https://{hosts[name]['address']}:8700/v1/services/demo/sessions",
+                             profile["credential"], "POST")
+        assert status == 201, sess
+        return sess
+
+    async def line(c: SessionClient) -> bytes:
+        out = b""
+        while not out.endswith(b"\n"):
+            out += await asyncio.wait_for(c.recv(1), 20)
+        return out
+
+    sess = new_session()
+    before = main_pid()
+
+    async def run() -> Status:
+        c = SessionClient(sess["host"], sess["port"], sess["session"], resumable=True)
+        await c.open()
+        assert (await line(c)).startswith(b"HELLO cloudlet-demo")
+        await c.send(b"INCR\n")
+        assert await line(c) == b"COUNT 1\n"
+        assert on_host("systemctl", "kill", "-s", "KILL", "cloudlet-sessiond").returncode == 0
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await c.resume()
+            except SessionRefused as refused:
+                return refused.status
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("the session came back after kill -9 with nothing handed over")
+
+    status = asyncio.run(run())
+    assert status in (Status.SESSION_LOST, Status.REPLAY_UNAVAILABLE)
+    assert main_pid() not in (before, "0")
+    assert on_host("systemctl", "is-active", "cloudlet-sessiond").stdout.strip() == "active"
+
+    fresh = new_session()
+
+    async def again() -> bytes:
+        c = SessionClient(fresh["host"], fresh["port"], fresh["session"], resumable=True)
+        await c.open()
+        hello = await line(c)
+        await c.end()
+        return hello
+
+    assert asyncio.run(again()).startswith(b"HELLO cloudlet-demo")  # the service was restored at start
