@@ -18,17 +18,12 @@ from cloudlet.relay.devices import DeviceGate
 from cloudlet.relay.interfaces import ServiceEntry
 from cloudlet.relay.manager import SessionManager
 from cloudlet.sessiond.config import SessiondConfig
+from cloudlet.sessiond.errors import ApiError
 from cloudlet.sessiond.reload import ReloadPlan, ReloadRefused
 
 log = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 class Controlled(Protocol):

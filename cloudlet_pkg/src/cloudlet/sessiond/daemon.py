@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
 
@@ -19,7 +19,6 @@ from cloudlet.common import sdnotify
 from cloudlet.common.addresses import format_address, parse_hostport
 from cloudlet.common.admission import Admission
 from cloudlet.common.config import ConfigError
-from cloudlet.common.httpserver import HttpServer
 from cloudlet.common.logs import event
 from cloudlet.common.names import NAME_RULE, is_name
 from cloudlet.protocol import credentials
@@ -30,12 +29,15 @@ from cloudlet.relay.ledger import SessionLedger
 from cloudlet.relay.manager import SessionManager
 from cloudlet.relay.metrics import SessiondMetrics
 from cloudlet.sessiond import handoff
-from cloudlet.sessiond.api import ApiError, build_control_app, build_metrics_app
+from cloudlet.sessiond.errors import ApiError
 from cloudlet.sessiond.config import SessiondConfig, check_files
 from cloudlet.sessiond.ledger_file import FileJournal
 from cloudlet.sessiond.peers import make_connector
 from cloudlet.sessiond.reload import ReloadPlan, ReloadRefused, apply_limits, plan, refuse_restart_keys
 from cloudlet.sessiond.store import DeviceStore, ServiceStore
+
+if TYPE_CHECKING:
+    from cloudlet.common.httpserver import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +145,6 @@ class Sessiond:
                                                         reuse_address=True, backlog=1024,
                                                         start_serving=not self._hold_accept)
         self.peer_address = self.peer_server.sockets[0].getsockname()[:2]
-        await self._start_control()
-        if cfg.metrics_listen:
-            await self._start_metrics()
         await self._restore_services()
         if self.inherited.fds:
             self.taken_back = await handoff.take_back(m, self.inherited)
@@ -155,6 +154,11 @@ class Sessiond:
             for server in [self.peer_server, *(e.server for e in m.services.values())]:
                 if server is not None:
                     await server.start_serving()
+        # the sessions relay again; the control API and metrics come next (the controller and
+        # a health check retry until they answer; systemd hears READY=1 only after both)
+        await self._start_control()
+        if cfg.metrics_listen:
+            await self._start_metrics()
         event(log, logging.INFO, "sessiond started", cloudlet=cfg.cloudlet, peer_listen=format_address(self.peer_address),
               control_socket=cfg.control_socket, metrics_listen=format_address(self.metrics_address),
               services=len(m.services), peers=sorted(cfg.peers),
@@ -387,6 +391,10 @@ class Sessiond:
 
     # -- control API and metrics endpoint (cloudlet.sessiond.api) -------------------------------
     async def _start_control(self) -> None:
+        # imported here: the HTTP stack (aiohttp, ~0.17 s) loads after the sessions relay again
+        from cloudlet.common.httpserver import HttpServer
+        from cloudlet.sessiond.api import build_control_app
+
         server = HttpServer(build_control_app(self), "sessiond control API")
         path = Path(self.config.control_socket)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -394,6 +402,9 @@ class Sessiond:
         self._http.append(server)
 
     async def _start_metrics(self) -> None:
+        from cloudlet.common.httpserver import HttpServer
+        from cloudlet.sessiond.api import build_metrics_app
+
         server = HttpServer(build_metrics_app(self), "sessiond metrics")
         host, port = parse_hostport(self.config.metrics_listen, "metrics_listen")
         self.metrics_address = await server.start_tcp(host, port)

@@ -11,8 +11,6 @@ import signal
 import sys
 from typing import Any
 
-import aiohttp
-
 from cloudlet._version import VERSION as __version__
 from cloudlet.common import sdnotify
 from cloudlet.common.config import ConfigError
@@ -65,6 +63,8 @@ async def _reload_quietly(daemon: Sessiond) -> None:
 
 async def request_reload(control_socket: str) -> tuple[int, dict[str, Any]]:
     """``POST /v1/reload`` on the running sessiond's control socket: (HTTP status, JSON body)."""
+    import aiohttp
+
     connector = aiohttp.UnixConnector(path=control_socket)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
@@ -75,6 +75,8 @@ async def request_reload(control_socket: str) -> tuple[int, dict[str, Any]]:
 async def request_upgrade(control_socket: str, force: bool = False,
                           timeout: float = 90.0) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """``POST /v1/upgrade``, then ``GET /v1/health`` until the successor answers: (status, upgrade, health)."""
+    import aiohttp
+
     async def call(method: str, path: str) -> tuple[int, dict[str, Any]]:
         connector = aiohttp.UnixConnector(path=control_socket)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
@@ -101,6 +103,8 @@ async def request_upgrade(control_socket: str, force: bool = False,
 
 def upgrade_running(config: SessiondConfig, force: bool = False) -> int:
     """``--upgrade``: 0 upgraded (or already current), 1 not running, 3 not possible in place (restart)."""
+    import aiohttp
+
     try:
         status, body, health = asyncio.run(request_upgrade(config.control_socket, force))
     except (OSError, aiohttp.ClientError, ValueError) as exc:
@@ -126,6 +130,8 @@ def upgrade_running(config: SessiondConfig, force: bool = False) -> int:
 
 def reload_running(config: SessiondConfig, path: str) -> int:
     """``--reload``: 0 applied, 2 refused as a bad config, 3 refused as needing a restart, 1 not running."""
+    import aiohttp
+
     try:
         status, body = asyncio.run(request_reload(config.control_socket))
     except (OSError, aiohttp.ClientError) as exc:
