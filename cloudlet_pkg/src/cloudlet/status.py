@@ -39,11 +39,12 @@ def _get(conn: http.client.HTTPConnection, path: str) -> dict[str, Any]:
     try:
         conn.request("GET", path, headers={"Connection": "close"})
         resp = conn.getresponse()
-        body = json.loads(resp.read() or b"{}")
+        raw = resp.read()
     finally:
         conn.close()
     if resp.status != 200:
         raise OSError(f"{path} answered {resp.status}")
+    body = json.loads(raw or b"{}")
     if not isinstance(body, dict):
         raise ValueError(f"{path}: not a JSON object")
     return body
@@ -52,7 +53,10 @@ def _get(conn: http.client.HTTPConnection, path: str) -> dict[str, Any]:
 def _unit_state(unit: str) -> str | None:
     if shutil.which("systemctl") is None:
         return None
-    proc = subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True, timeout=10, check=False)
+    try:
+        proc = subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
     return proc.stdout.strip() or None
 
 

@@ -81,7 +81,9 @@ class Sessiond:
         self.successor_argv: list[str] | None = None  # how to start the next process (in-place upgrade)
         self.predecessor: handoff.Predecessor | None = None  # the process this one took over from
         self._successor: handoff.Successor | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._upgrade_task: asyncio.Task[None] | None = None
+        self._taking = False  # the successor said "take": no way back from here
+        self.exit_status = 0  # what the process exits with (1: an upgrade lost the service)
 
     @property
     def services_file(self) -> Path:
@@ -167,6 +169,17 @@ class Sessiond:
     async def stop(self) -> None:
         if self.stopped.is_set():
             return
+        task = self._upgrade_task
+        if task is not None and not task.done():
+            if self._taking:  # the successor has it all (or is taking it): finish the upgrade, nothing else
+                await task
+                return
+            task.cancel()  # before "take": the successor goes, this process stops as it would have
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if self._successor is not None:
+                self._successor.abandon()
+                self._successor = None
         if self.manager is not None and self.config.handoff and handoff.available():
             try:  # the listeners first: connections that arrive now wait in their backlog for the next process
                 self.handed_over = await self._hand_over(handoff.store_fd)
@@ -176,9 +189,15 @@ class Sessiond:
 
     async def _hand_over(self, sink: handoff.Sink) -> int:
         assert self.manager is not None
+        # each listener stops accepting here once passed on: its copy keeps the socket, so what
+        # arrives from now on waits in the backlog for the next process (not for end_all)
         handoff.store_listener("peer", self.peer_server, sink)
+        if self.peer_server is not None:
+            self.peer_server.close()
         for entry in self.manager.services.values():
             handoff.store_listener(entry.name, entry.server, sink)
+            if entry.server is not None:
+                entry.server.close()
         return await handoff.hand_over(self.manager, float(self.config.handoff_flush_seconds), sink)
 
     # -- in-place upgrade (sessiond/handoff.py, Successor) ------------------------------------------
@@ -186,6 +205,8 @@ class Sessiond:
         """Start the next process now (the installed code); it takes over once it is ready. Its PID."""
         if self.successor_argv is None:
             raise ApiError(409, "not_supported", "this sessiond cannot start its successor (not run by cloudlet sessiond)")
+        if os.getpid() == 1:
+            raise ApiError(409, "not_supported", "sessiond is PID 1 here: its exit would end the container; restart it")
         if self._successor is not None:
             raise ApiError(409, "in_progress", f"an upgrade is already under way (successor pid {self._successor.pid})")
         try:
@@ -193,9 +214,7 @@ class Sessiond:
         except OSError as exc:
             raise ApiError(500, "internal", f"cannot start the successor: {exc}") from None
         event(log, logging.INFO, "in-place upgrade: successor started", successor=self._successor.pid)
-        task = asyncio.get_running_loop().create_task(self._upgrade(self._successor))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._upgrade_task = asyncio.get_running_loop().create_task(self._upgrade(self._successor))
         return self._successor.pid
 
     async def _upgrade(self, successor: handoff.Successor) -> None:
@@ -206,6 +225,7 @@ class Sessiond:
             successor.abandon()
             self._successor = None
             return
+        self._taking = True
         started = time.monotonic()
         for server in self._http:  # its control socket and metrics port are the successor's now
             await server.close()
@@ -219,13 +239,22 @@ class Sessiond:
         await self._shutdown(final=False)
         with contextlib.suppress(OSError):
             successor.done()
-        if await successor.wait_started(60.0):
-            sdnotify.notify(f"MAINPID={successor.pid}")  # the unit's main process is the successor now
-            event(log, logging.INFO, "upgraded in place", successor=successor.pid, sessions=self.handed_over,
-                  ms=round((time.monotonic() - started) * 1000, 1))
+        ok = await successor.wait_started(60.0)
+        if ok or successor.proc.poll() is None:
+            # it holds everything now: even a slow one is the unit's main process from here on (were
+            # this process to exit as main, systemd would stop the unit and kill the successor)
+            sdnotify.notify(f"MAINPID={successor.pid}")
+            if ok:
+                event(log, logging.INFO, "upgraded in place", successor=successor.pid, sessions=self.handed_over,
+                      ms=round((time.monotonic() - started) * 1000, 1))
+            else:
+                event(log, logging.WARNING, "in-place upgrade: the successor has not said it serves within 60 s; "
+                      "it is the main process all the same", successor=successor.pid)
         else:
-            event(log, logging.ERROR, "in-place upgrade: the successor did not start; its sessions are lost",
+            event(log, logging.ERROR, "in-place upgrade: the successor died while taking over; its sessions are "
+                  "lost, exiting with failure so that the service manager restarts the daemon",
                   successor=successor.pid, exit_status=successor.proc.poll())
+            self.exit_status = 1
         successor.close()
         self.stopped.set()
 
@@ -263,7 +292,7 @@ class Sessiond:
                     raise ReloadRefused("restart_required", "this sessiond's peer connector cannot change in place")
                 if update is not None:  # also when no peer changed: tunnels that are down retry at once
                     await update(new.peers, float(new.peer_connect_timeout_seconds))
-                apply_limits(m, new)
+                apply_limits(m, new, log_level="log_level" in p.changed)
             except ReloadRefused as exc:
                 self.metrics.reloads.labels("refused").inc()
                 event(log, logging.ERROR, "reload refused; the running config stays", reason=exc.code, error=exc.message)

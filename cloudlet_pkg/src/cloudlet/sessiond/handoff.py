@@ -361,6 +361,9 @@ class Successor:
             env.pop(key, None)
         try:
             self.proc = subprocess.Popen(argv, env=env, pass_fds=[theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.pid = self.proc.pid
@@ -395,6 +398,8 @@ class Successor:
         """The upgrade did not happen: the successor goes, this process keeps serving."""
         with contextlib.suppress(OSError):
             self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)  # reaped, no zombie
         self.close()
 
     def close(self) -> None:
@@ -407,7 +412,8 @@ class Predecessor:
 
     def __init__(self, fd: int) -> None:
         self.sock = socket.socket(fileno=fd)
-        self.sock.settimeout(60.0)
+        # the running process first closes its HTTP servers and flushes every session: allow for it
+        self.sock.settimeout(180.0)
 
     @classmethod
     def from_environment(cls) -> Predecessor | None:

@@ -24,26 +24,34 @@ log = logging.getLogger(__name__)
 
 
 async def serve(config: SessiondConfig, ready_fd: int | None = None, config_path: str | None = None,
-                successor_argv: list[str] | None = None) -> None:
+                successor_argv: list[str] | None = None) -> int:
+    """Run until SIGTERM/SIGINT or an in-place upgrade hands over; the process's exit status."""
     daemon = Sessiond(config, config_path=config_path)
     daemon.successor_argv = successor_argv
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
-    await daemon.start()
-    if daemon.predecessor is not None:  # it passes the unit's main PID to us, then exits
-        await asyncio.to_thread(daemon.predecessor.started)
-        daemon.predecessor = None
+    # the signals first: a SIGHUP or SIGTERM during the start (a successor taking over holds every
+    # session by then) must not kill the process with the default action
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[Any]] = set()
+    started = False
 
     def hangup() -> None:  # SIGHUP: the same reload as POST /v1/reload; the outcome goes to the log
+        if not started:
+            event(log, logging.WARNING, "SIGHUP while starting: no reload (send it again once started)")
+            return
         task = loop.create_task(_reload_quietly(daemon))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, hangup)
+    await daemon.start()
+    if daemon.predecessor is not None:  # it passes the unit's main PID to us, then exits
+        await asyncio.to_thread(daemon.predecessor.started)
+        daemon.predecessor = None
+    started = True
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
@@ -54,6 +62,7 @@ async def serve(config: SessiondConfig, ready_fd: int | None = None, config_path
     stopping.cancel()
     upgraded.cancel()
     await daemon.stop()
+    return daemon.exit_status
 
 
 async def _reload_quietly(daemon: Sessiond) -> None:
@@ -175,11 +184,10 @@ def run(args: argparse.Namespace) -> int:
         for flag in ("log_level", "log_format"):
             if getattr(args, flag):
                 successor += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
-        asyncio.run(serve(config, config_path=args.config, successor_argv=successor))
+        return asyncio.run(serve(config, config_path=args.config, successor_argv=successor))
     except (OSError, ValueError) as exc:
         event(log, logging.ERROR, "sessiond failed to start", error=str(exc))
         return 1
-    return 0
 
 
 def register(subparsers: Any) -> None:

@@ -73,7 +73,7 @@ def _set_admission(admission: Admission, max_open: int, max_pending: int, per_so
     admission.max_open, admission.max_pending, admission.max_pending_per_source = max_open, max_pending, per_source
 
 
-def apply_limits(manager: SessionManager, cfg: SessiondConfig) -> None:
+def apply_limits(manager: SessionManager, cfg: SessiondConfig, log_level: bool = True) -> None:
     """The limits of ``cfg`` for what starts from now on; live sessions keep the ones they started with."""
     max_open, max_pending, per_source = cfg.admission_limits()
     manager.grace_seconds = float(cfg.grace_seconds)
@@ -87,4 +87,5 @@ def apply_limits(manager: SessionManager, cfg: SessiondConfig) -> None:
     manager.held_budget = int(cfg.held_bytes_budget)
     _set_admission(manager.admission, max_open, max_pending, per_source)
     _set_admission(manager.peer_admission, max_open, max_pending, max_pending)
-    logging.getLogger().setLevel(cfg.log_level.upper())
+    if log_level:  # only when the file changed it: a --log-level given at start stays otherwise
+        logging.getLogger().setLevel(cfg.log_level.upper())

@@ -101,6 +101,7 @@ class PeerTunnel:
         cfg = self.config
         delay = cfg.backoff_initial
         while not self._closing.is_set():
+            self._retry.clear()  # a retry_now() from here on (even while connecting) shortens the next wait
             self.state = "connecting"
             try:
                 options = self._options()
@@ -132,7 +133,6 @@ class PeerTunnel:
                 break
             wait = delay * (0.8 + 0.4 * random.random())
             delay = min(delay * 2, cfg.backoff_max)
-            self._retry.clear()
             waits = [asyncio.ensure_future(e.wait()) for e in (self._closing, self._retry)]
             try:
                 await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)

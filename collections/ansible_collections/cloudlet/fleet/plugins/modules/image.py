@@ -165,17 +165,18 @@ def archive_image(path, name):
             raise ValueError("the archive %s holds %s, not %s" % (path, ", ".join(all_tags) or "no tagged image", name))
         if "index.json" in names:
             index = read("index.json")
-            tags = []
-            for m in index.get("manifests", []):
-                ref = (m.get("annotations") or {}).get("org.opencontainers.image.ref.name", "")
-                tags.append(ref)
+            tags = [(m.get("annotations") or {}).get("org.opencontainers.image.ref.name", "")
+                    for m in index.get("manifests", [])]
+            for m, ref in zip(index.get("manifests", []), tags):
+                if ref not in (name, _normal(name)) and _normal(ref) != _normal(name):
+                    continue
                 digest = m["digest"].split(":", 1)[1]
                 inner = read("blobs/sha256/" + digest)
                 if inner.get("manifests"):  # an index of manifests: the first one
                     digest = inner["manifests"][0]["digest"].split(":", 1)[1]
                     inner = read("blobs/sha256/" + digest)
                 return inner["config"]["digest"].split(":", 1)[1], tags
-            raise ValueError("the OCI archive %s holds no image" % path)
+            raise ValueError("the archive %s holds %s, not %s" % (path, ", ".join(t for t in tags if t) or "no tagged image", name))
     raise ValueError("%s is neither a docker-archive nor an oci-archive (podman save writes them)" % path)
 
 
