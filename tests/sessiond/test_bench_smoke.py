@@ -36,6 +36,19 @@ def test_bench_proxy_reports_every_figure() -> None:
     assert r["idle_sessions"] == 200
 
 
+def test_bench_handover_storm_moves_every_session_and_loses_nothing() -> None:
+    r = bench("handover", "--moves", "2", "--interval", "0.05", "--storm", "30", "--bystanders", "5",
+              "--storm-seconds", "1", "--storm-rate", "10")
+    storm = r["storm"]
+    for key in ("sessions", "moves_per_s", "gap_ms_p50", "gap_ms_p99", "bytes_lost", "bytes_duplicated",
+                "bystander_stall_ms_max"):
+        assert storm[key] is not None, key
+    assert storm["sessions"] == 30 and storm["moves"] == 30 + 10  # the train, then 1 s at 10 moves/s
+    assert storm["bytes_lost"] == 0 and storm["bytes_duplicated"] == 0
+    assert storm["gap_ms_p50"] >= storm["record_period_ms"] * 0.5  # a gap spans at least about one period
+    assert storm["records_received"] > 30 * 40  # every session kept streaming (50 records/s)
+
+
 def test_bench_handover_fin_moves_lose_nothing() -> None:
     r = bench("handover", "--moves", "4", "--interval", "0.05")
     assert r["kinds"]["fin"]["moves"] == 4 and r["kinds"]["no_fin"]["moves"] == 4

@@ -37,30 +37,30 @@ MAGIC = 0xC10D1E70
 PERIOD = 0.001
 
 
-async def ticker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Backend: one record per millisecond, on an absolute schedule (catches up after stalls)."""
+async def ticker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, period: float = PERIOD) -> None:
+    """Backend: one record per ``period`` (1 ms), on an absolute schedule (catches up after stalls)."""
     seq = 0
     start = time.perf_counter()
     try:
         while True:
             now = time.perf_counter()
-            due = int((now - start) / PERIOD) + 1
+            due = int((now - start) / period) + 1
             out = bytearray()
             while seq < due:
                 out += RECORD.pack(MAGIC, seq, time.time())
                 seq += 1
             writer.write(out)
             await writer.drain()
-            await asyncio.sleep(max(0.0, start + seq * PERIOD - time.perf_counter()))
+            await asyncio.sleep(max(0.0, start + seq * period - time.perf_counter()))
     except (ConnectionError, RuntimeError, asyncio.CancelledError):  # uvloop: RuntimeError once closed
         writer.close()
 
 
-def _backend_process(conn: Any) -> None:
+def _backend_process(conn: Any, period: float = PERIOD) -> None:
     """Child process: the ticker backend (so its work does not delay the client being measured)."""
 
     async def main() -> None:
-        srv = await asyncio.start_server(ticker, "127.0.0.1", 0)
+        srv = await asyncio.start_server(lambda r, w: ticker(r, w, period), "127.0.0.1", 0, backlog=4096)
         conn.send(srv.sockets[0].getsockname()[1])
         await asyncio.Event().wait()
 
@@ -73,6 +73,7 @@ class Receiver:
 
     seqs: list[int] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
+    sent: list[float] = field(default_factory=list)  # each record's send time (the backend's wall clock)
     buf: bytearray = field(default_factory=bytearray)
     skipped: int = 0
 
@@ -82,7 +83,7 @@ class Receiver:
         pos = 0
         size = RECORD.size
         while len(buf) - pos >= size:
-            magic, seq, _ = RECORD.unpack_from(buf, pos)
+            magic, seq, sent = RECORD.unpack_from(buf, pos)
             if magic != MAGIC:  # partial record lost: find the next record start
                 nxt = buf.find(struct.pack("!I", MAGIC), pos + 1)
                 if nxt < 0:
@@ -94,6 +95,7 @@ class Receiver:
                 continue
             self.seqs.append(seq)
             self.arrivals.append(now)
+            self.sent.append(sent)
             pos += size
         del buf[:pos]
 
@@ -177,10 +179,23 @@ def _move_gap(arrivals: list[float], start: float, end: float) -> float | None:
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import multiprocessing
 
+    from cloudlet.common.loop import raise_nofile_limit
+
+    if args.storm:  # every session holds a few descriptors here and in each sessiond (inherited)
+        raise_nofile_limit(8 * (args.storm + args.bystanders) + 1024)
     parent, child = multiprocessing.Pipe()
     backend = multiprocessing.get_context("fork").Process(target=_backend_process, args=(child,), daemon=True)
     backend.start()
     backend_addr = "127.0.0.1:%d" % parent.recv()
+    storm_backend = None
+    if args.storm:
+        from cloudlet_bench.storm import STORM_PERIOD
+
+        parent2, child2 = multiprocessing.Pipe()
+        storm_backend = multiprocessing.get_context("fork").Process(target=_backend_process,
+                                                                     args=(child2, STORM_PERIOD), daemon=True)
+        storm_backend.start()
+        storm_addr = "127.0.0.1:%d" % parent2.recv()
     fleet = Fleet()
     sshd = None
     try:
@@ -206,16 +221,32 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "no_fin_resumable": await run_kind(fleet, ports, False, args.moves, args.interval, resumable=True),
         }
         fin = kinds["fin"]
-        return {"moves": sum(k["moves"] for k in kinds.values()), "gap_ms_p50": fin["gap_ms_p50"],
-                "gap_ms_p99": fin["gap_ms_p99"], "gap_ms_max": fin["gap_ms_max"], "bytes_lost": fin["bytes_lost"],
-                "bytes_duplicated": fin["bytes_duplicated"], "kinds": kinds, "record_period_ms": PERIOD * 1000,
-                "loop": args.loop, "client_loop": args.client_loop, "hop": args.hop}
+        result = {"moves": sum(k["moves"] for k in kinds.values()), "gap_ms_p50": fin["gap_ms_p50"],
+                  "gap_ms_p99": fin["gap_ms_p99"], "gap_ms_max": fin["gap_ms_max"], "bytes_lost": fin["bytes_lost"],
+                  "bytes_duplicated": fin["bytes_duplicated"], "kinds": kinds, "record_period_ms": PERIOD * 1000,
+                  "loop": args.loop, "client_loop": args.client_loop, "hop": args.hop}
+        if args.storm:
+            from cloudlet_bench.storm import run_storm
+
+            storm_ports = {d.name: await d.put_service("storm", storm_addr) for d in (a, b, c)}
+            result["storm"] = await run_storm(fleet, storm_ports, args.storm, args.bystanders, args.storm_seconds,
+                                              args.storm_rate, _log)
+        return result
     finally:
         fleet.stop()
         if sshd is not None:
             sshd.stop()
         backend.terminate()
         backend.join(5)
+        if storm_backend is not None:
+            storm_backend.terminate()
+            storm_backend.join(5)
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(f"[handover] {msg}", file=sys.stderr, flush=True)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -242,4 +273,10 @@ def register(subparsers: Any) -> None:
                    "(asyncssh client, OpenSSH server; needs root and openssh-server)")
     p.add_argument("--client-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="the client's event loop (default auto, as `cloudlet agent`: uvloop if installed)")
+    p.add_argument("--storm", type=int, default=0, metavar="N",
+                   help="then N sessions of one service move a -> b at once, then --storm-rate moves/s for "
+                   "--storm-seconds (the `storm` key; cloudlet_bench.storm). Default 0: no storm")
+    p.add_argument("--bystanders", type=int, default=100, help="storm: sessions that never move (default 100)")
+    p.add_argument("--storm-seconds", type=float, default=5.0, help="storm: seconds of sustained moves (default 5)")
+    p.add_argument("--storm-rate", type=float, default=10.0, help="storm: sustained moves per second (default 10)")
     p.set_defaults(func=_main)

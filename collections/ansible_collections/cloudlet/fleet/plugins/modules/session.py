@@ -13,8 +13,8 @@ version_added: 0.1.0
 description:
   - With O(state=present), asks the cloudlet controller for a new session credential for the service
     O(name) (C(POST /v1/services/{name}/sessions)) and returns it with the host and port a device
-    connects to. Every run issues a new credential, yet the task reports C(changed=false): a
-    credential is verified by its MAC alone, so issuing one changes nothing on the cloudlet (nothing
+    connects to. Every run issues a new credential, yet the task reports C(changed=false), because
+    a credential is verified by its MAC alone, so issuing one changes nothing on the cloudlet (nothing
     is stored until a device attaches with it). Ending a session is a change.
   - With O(state=absent), ends the session of the credential O(session) (C(DELETE /v1/sessions/{credential})),
     wherever the device is attached; its credential is refused afterwards. A credential without a live
