@@ -46,7 +46,7 @@ def test_bench_handover_storm_moves_every_session_and_loses_nothing() -> None:
     assert storm["sessions"] == 30 and storm["moves"] == 30 + 10  # the train, then 1 s at 10 moves/s
     assert storm["bytes_lost"] == 0 and storm["bytes_duplicated"] == 0
     assert storm["gap_ms_p50"] >= storm["record_period_ms"] * 0.5  # a gap spans at least about one period
-    assert storm["records_received"] > 30 * 40  # every session kept streaming (50 records/s)
+    assert storm["records_received"] > 35 * 20  # every session kept streaming (10 records/s for 3 s and more)
 
 
 def test_bench_handover_fin_moves_lose_nothing() -> None:
