@@ -159,6 +159,25 @@ def https(url: str, token: str, method: str = "GET", ctx=None) -> tuple[int, dic
         return err.code, json.loads(err.read() or b"{}")
 
 
+def podman_exec(container: str, *argv: str) -> subprocess.CompletedProcess:
+    """Run a command on a fleet host (its container), without raising."""
+    return subprocess.run(["podman", "exec", container, *argv], capture_output=True, text=True)
+
+
+def sessiond_pid(container: str) -> str:
+    return podman_exec(container, "systemctl", "show", "--property=MainPID", "--value", "cloudlet-sessiond").stdout.strip()
+
+
+async def read_line(c) -> bytes:  # type: ignore[no-untyped-def]
+    """One line of the demo service from a SessionClient, byte by byte (20 s per byte at most)."""
+    import asyncio
+
+    out = b""
+    while not out.endswith(b"\n"):
+        out += await asyncio.wait_for(c.recv(1), 20)
+    return out
+
+
 def test_controller_api_is_https_with_a_certificate_of_the_fleet_ca():
     import socket
     import ssl
@@ -229,11 +248,7 @@ def test_systemctl_restart_of_sessiond_keeps_a_resumable_session():
                          "POST")
     assert status == 201, sess
 
-    async def line(c: SessionClient) -> bytes:
-        out = b""
-        while not out.endswith(b"\n"):
-            out += await asyncio.wait_for(c.recv(1), 20)
-        return out
+    line = read_line
 
     async def run() -> list[bytes]:
         c = SessionClient(sess["host"], sess["port"], sess["session"], resumable=True)
@@ -275,10 +290,10 @@ def test_systemctl_reload_with_a_broken_config_is_refused_and_the_running_one_st
     container = hosts[name]["container"]
 
     def on_host(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["podman", "exec", container, *argv], capture_output=True, text=True)
+        return podman_exec(container, *argv)
 
     def main_pid() -> str:
-        return on_host("systemctl", "show", "--property=MainPID", "--value", "cloudlet-sessiond").stdout.strip()
+        return sessiond_pid(container)
 
     status, sess = https(f"https://{hosts[name]['address']}:8700/v1/services/demo/sessions", profile["credential"],
                          "POST")
@@ -286,11 +301,7 @@ def test_systemctl_reload_with_a_broken_config_is_refused_and_the_running_one_st
     pid = main_pid()
     assert on_host("cp", "-p", "/etc/cloudlet/sessiond.toml", "/etc/cloudlet/sessiond.toml.good").returncode == 0
 
-    async def line(c: SessionClient) -> bytes:
-        out = b""
-        while not out.endswith(b"\n"):
-            out += await asyncio.wait_for(c.recv(1), 20)
-        return out
+    line = read_line
 
     async def run() -> tuple[list[bytes], subprocess.CompletedProcess, subprocess.CompletedProcess]:
         c = SessionClient(sess["host"], sess["port"], sess["session"], resumable=True)
@@ -345,21 +356,17 @@ def test_in_place_upgrade_under_systemd_passes_the_unit_and_the_session_to_the_s
     container = hosts[name]["container"]
 
     def on_host(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["podman", "exec", container, *argv], capture_output=True, text=True)
+        return podman_exec(container, *argv)
 
     def main_pid() -> str:
-        return on_host("systemctl", "show", "--property=MainPID", "--value", "cloudlet-sessiond").stdout.strip()
+        return sessiond_pid(container)
 
     status, sess = https(f"https://{hosts[name]['address']}:8700/v1/services/demo/sessions", profile["credential"],
                          "POST")
     assert status == 201, sess
     before = main_pid()
 
-    async def line(c: SessionClient) -> bytes:
-        out = b""
-        while not out.endswith(b"\n"):
-            out += await asyncio.wait_for(c.recv(1), 20)
-        return out
+    line = read_line
 
     async def run() -> tuple[list[bytes], subprocess.CompletedProcess]:
         c = SessionClient(sess["host"], sess["port"], sess["session"], resumable=True)
@@ -403,10 +410,10 @@ def test_kill_9_of_sessiond_under_systemd_refuses_its_sessions_clearly_and_serve
     container = hosts[name]["container"]
 
     def on_host(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["podman", "exec", container, *argv], capture_output=True, text=True)
+        return podman_exec(container, *argv)
 
     def main_pid() -> str:
-        return on_host("systemctl", "show", "--property=MainPID", "--value", "cloudlet-sessiond").stdout.strip()
+        return sessiond_pid(container)
 
     def new_session() -> dict:
         status, sess = https(f"https://{hosts[name]['address']}:8700/v1/services/demo/sessions",
@@ -414,11 +421,7 @@ def test_kill_9_of_sessiond_under_systemd_refuses_its_sessions_clearly_and_serve
         assert status == 201, sess
         return sess
 
-    async def line(c: SessionClient) -> bytes:
-        out = b""
-        while not out.endswith(b"\n"):
-            out += await asyncio.wait_for(c.recv(1), 20)
-        return out
+    line = read_line
 
     sess = new_session()
     before = main_pid()
